@@ -1,0 +1,440 @@
+"""One typed config tree for every run.
+
+Each component owns a small dataclass whose fields are documented where they are declared. A run's
+config is merged as: dataclass defaults < YAML file(s) < dotted command-line overrides
+(`model.n_layers=4`). Unknown keys and wrong types are rejected by OmegaConf's structured merge;
+cross-field checks live in `validate()`, which runs before any model or data is built. Every error
+is a `ConfigError` whose message names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN settings. `num_experts: 0` means every FFN is dense."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 makes the whole model dense."""
+    top_k: int = 2
+    """Experts each token is sent to (token-choice routers)."""
+    expert_hidden: int = 0
+    """Hidden size of one routed expert's SwiGLU FFN; 0 means model.ffn_hidden. Smaller values give
+    fine-grained experts (DeepSeekMoE)."""
+    num_shared_experts: int = 0
+    """Experts that see every token, added to the routed output (DeepSeekMoE). Each has expert_hidden."""
+    moe_every: int = 1
+    """Every n-th block (1-based: blocks n-1, 2n-1, ...) gets an MoE FFN; the others are dense."""
+    moe_layers: Optional[List[int]] = None
+    """Explicit 0-based list of MoE blocks; overrides moe_every when set."""
+    router: str = "topk"
+    """Router family, by registry name (see `moe/routing/__init__.py`)."""
+    score_func: str = "softmax"
+    """How router logits become scores: `softmax` (before top-k, GShard/Switch) or `sigmoid`."""
+    renormalize: bool = False
+    """Rescale the top-k gate weights of each token to sum to 1 (Mixtral-style)."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the Switch/GShard load-balancing loss; 0 disables it."""
+    z_loss_coef: float = 0.001
+    """Coefficient of the ST-MoE router z-loss (mean squared logsumexp of the logits); 0 disables it."""
+    capacity_factor: float = 0.0
+    """Training capacity per expert = capacity_factor * tokens * top_k / num_experts; 0 = dropless."""
+    eval_capacity_factor: float = 0.0
+    """Capacity factor used in eval/generation; 0 = dropless."""
+    min_capacity: int = 4
+    """Lower bound of the per-expert capacity when a capacity factor is set."""
+    drop_policy: str = "probs"
+    """Which tokens an over-full expert keeps: `probs` (highest gate weight) or `position` (earliest)."""
+    dispatch: str = "auto"
+    """Token permutation backend: `auto` (compiled extension when built, else reference),
+    `extension` or `reference` (pure PyTorch). MOE_DISPATCH=reference in the environment forces it."""
+    experts_impl: str = "auto"
+    """Expert computation backend by registry name (see moe/experts.py): `auto`, `loop`, `grouped`."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the tokenizer."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; d_model must divide by it."""
+    ffn_hidden: int = 0
+    """Hidden size of the dense SwiGLU FFN; 0 means 8/3 * d_model rounded up to a multiple of 16."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (RoPE table size)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded:stdlib"
+    """`embedded:stdlib` (the Python standard library's own source, on every machine), a local
+    text/json/jsonl/parquet file or folder, or a Hugging Face hub dataset name (online only)."""
+    dataset_config: Optional[str] = None
+    """Hub dataset config name (for example `wikitext-2-raw-v1`)."""
+    text_field: str = "text"
+    """Column holding the text in json/parquet/hub datasets."""
+    tokenizer: str = "bytes"
+    """`bytes` (256 byte values + EOS), `bpe` (byte-level BPE trained on the train split and cached),
+    or a pretrained Hugging Face tokenizer name or local path."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size when tokenizer=bpe."""
+    max_bytes: int = 0
+    """Read at most this many bytes of raw text (0 = all); keeps the embedded corpus small."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation (deterministic, by document hash)."""
+    cache_dir: str = "data_cache"
+    """Where tokenized .bin/.idx files and trained tokenizers are cached."""
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all data-parallel ranks; 0 = micro_batch_size * world size.
+    Must be a multiple of micro_batch_size * data-parallel size; the quotient is the number of
+    gradient-accumulation steps."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    dtype: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `fp32` or `bf16`."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2; DeepSpeed's MoE refuses 3)."""
+    eval_every: int = 50
+    """Evaluate every n steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation."""
+    log_every: int = 10
+    """Write a metrics line every n steps."""
+    compile: bool = False
+    """torch.compile the model."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default."""
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    """Expert-parallel size: experts are sharded over this many ranks."""
+    backend: str = "auto"
+    """torch.distributed backend: `auto` (nccl on GPU, gloo on CPU), `gloo` or `nccl`."""
+    timeout_s: int = 600
+    """Collective timeout; a stuck rank ends the job with an error after this long."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`offline` (default, no login needed), `online` or `disabled`; WANDB_MODE overrides it."""
+    project: str = "moe"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    """Defaults to the run name's experiment (the config file's stem)."""
+    tags: List[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    """Show a progress bar with loss and tokens/s on rank 0."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every n steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Keep this many step folders; older ones are deleted after a successful save."""
+    resume: bool = True
+    """Resume from runs/<name>/checkpoints/latest when it exists."""
+    save_final: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run folder name under run.root."""
+    root: str = "runs"
+    """Parent folder of run folders."""
+    seed: int = 1234
+    overwrite: bool = False
+    """Allow a run folder that already holds a different config to be reused (its checkpoints are
+    then ignored and replaced)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _error_key(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """defaults < YAML at `path` (may list `defaults: [other.yaml]` to layer files) < overrides."""
+    schema = OmegaConf.structured(Config)
+    layers: List[Any] = []
+    if path is not None:
+        layers.extend(_yaml_layers(path, seen=()))
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (for example model.n_layers=4)")
+        key = ov.split("=", 1)[0]
+        if key.startswith("+") or key.startswith("~"):
+            raise ConfigError(f"override {ov!r}: adding or removing keys is not allowed")
+        try:
+            layers.append(OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {ov!r}: {_error_key(exc)}") from None
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_error_key(exc)) from None
+    if path is not None and not _name_overridden(overrides) and not _name_in_yaml(path):
+        cfg.run.name = os.path.splitext(os.path.basename(path))[0]
+    return cfg
+
+
+def _name_overridden(overrides: Optional[List[str]]) -> bool:
+    return any(o.split("=", 1)[0] == "run.name" for o in overrides or [])
+
+
+def _name_in_yaml(path: str) -> bool:
+    for layer in _yaml_layers(path, seen=()):
+        if OmegaConf.select(layer, "run.name") is not None:
+            return True
+    return False
+
+
+def _yaml_layers(path: str, seen: tuple) -> List[Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"{path}: `defaults` includes itself")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
+    if not OmegaConf.is_dict(raw):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    layers: List[Any] = []
+    if "defaults" in raw:
+        parents = raw.pop("defaults")
+        if isinstance(parents, str):
+            parents = [parents]
+        for parent in parents:
+            parent_path = os.path.join(os.path.dirname(path), str(parent))
+            layers.extend(_yaml_layers(parent_path, seen + (os.path.abspath(path),)))
+    layers.append(raw)
+    return layers
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_yaml_text(text: str) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_error_key(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def dense_ffn_hidden(m: ModelConfig) -> int:
+    if m.ffn_hidden > 0:
+        return m.ffn_hidden
+    return ((8 * m.d_model // 3) + 15) // 16 * 16
+
+
+def expert_hidden(m: ModelConfig) -> int:
+    return m.moe.expert_hidden if m.moe.expert_hidden > 0 else dense_ffn_hidden(m)
+
+
+def moe_layer_ids(m: ModelConfig) -> List[int]:
+    if m.moe.num_experts == 0:
+        return []
+    if m.moe.moe_layers is not None:
+        return sorted(set(m.moe.moe_layers))
+    n = m.moe.moe_every
+    return [i for i in range(m.n_layers) if (i + 1) % n == 0]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks; raises ConfigError naming the key. Runs before anything heavy."""
+    from moe.routing import ROUTERS  # late import: routing imports config
+
+    m, moe, t, p = cfg.model, cfg.model.moe, cfg.train, cfg.parallel
+    _check(m.d_model > 0, f"model.d_model must be > 0, got {m.d_model}")
+    _check(m.n_layers > 0, f"model.n_layers must be > 0, got {m.n_layers}")
+    _check(m.n_heads > 0 and m.d_model % m.n_heads == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even for RoPE")
+    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {m.ffn_hidden}")
+    _check(t.seq_len > 0, f"train.seq_len must be > 0, got {t.seq_len}")
+    _check(t.seq_len <= m.max_seq_len,
+           f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+
+    _check(moe.num_experts >= 0, f"model.moe.num_experts must be >= 0, got {moe.num_experts}")
+    if moe.num_experts > 0:
+        _check(moe.router in ROUTERS,
+               f"model.moe.router: unknown router {moe.router!r}; known: {', '.join(sorted(ROUTERS))}")
+        _check(1 <= moe.top_k <= moe.num_experts,
+               f"model.moe.top_k ({moe.top_k}) must be in [1, model.moe.num_experts={moe.num_experts}]")
+        _check(moe.expert_hidden >= 0, f"model.moe.expert_hidden must be >= 0, got {moe.expert_hidden}")
+        _check(moe.num_shared_experts >= 0,
+               f"model.moe.num_shared_experts must be >= 0, got {moe.num_shared_experts}")
+        _check(moe.moe_every >= 1, f"model.moe.moe_every must be >= 1, got {moe.moe_every}")
+        if moe.moe_layers is not None:
+            bad = [i for i in moe.moe_layers if not 0 <= i < m.n_layers]
+            _check(not bad, f"model.moe.moe_layers: {bad} out of range [0, {m.n_layers})")
+        _check(len(moe_layer_ids(m)) > 0,
+               f"model.moe.moe_every={moe.moe_every} selects no layer of {m.n_layers}")
+        _check(moe.score_func in ("softmax", "sigmoid"),
+               f"model.moe.score_func must be softmax or sigmoid, got {moe.score_func!r}")
+        _check(moe.aux_loss_coef >= 0, f"model.moe.aux_loss_coef must be >= 0, got {moe.aux_loss_coef}")
+        _check(moe.z_loss_coef >= 0, f"model.moe.z_loss_coef must be >= 0, got {moe.z_loss_coef}")
+        _check(moe.capacity_factor >= 0,
+               f"model.moe.capacity_factor must be > 0 (or 0 for dropless), got {moe.capacity_factor}")
+        _check(moe.eval_capacity_factor >= 0,
+               f"model.moe.eval_capacity_factor must be > 0 (or 0 for dropless), got {moe.eval_capacity_factor}")
+        _check(moe.min_capacity >= 0, f"model.moe.min_capacity must be >= 0, got {moe.min_capacity}")
+        _check(moe.drop_policy in ("probs", "position"),
+               f"model.moe.drop_policy must be probs or position, got {moe.drop_policy!r}")
+        _check(moe.dispatch in ("auto", "extension", "reference"),
+               f"model.moe.dispatch must be auto, extension or reference, got {moe.dispatch!r}")
+        from moe.experts import EXPERT_IMPLS
+
+        _check(moe.experts_impl == "auto" or moe.experts_impl in EXPERT_IMPLS,
+               f"model.moe.experts_impl: unknown {moe.experts_impl!r}; known: auto, {', '.join(sorted(EXPERT_IMPLS))}")
+        ROUTERS[moe.router].validate_config(moe)
+        _check(p.ep_size >= 1 and moe.num_experts % p.ep_size == 0,
+               f"parallel.ep_size ({p.ep_size}) must divide model.moe.num_experts ({moe.num_experts})")
+    _check(p.ep_size >= 1 and world_size % p.ep_size == 0,
+           f"parallel.ep_size ({p.ep_size}) must divide the world size ({world_size})")
+
+    _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    _check(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
+    gbs = global_batch_size(cfg, world_size)
+    _check(gbs % (t.micro_batch_size * world_size) == 0,
+           f"train.global_batch_size ({gbs}) must be a multiple of train.micro_batch_size "
+           f"({t.micro_batch_size}) x data-parallel size ({world_size})")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    _check(t.zero_stage in (0, 1, 2),
+           f"train.zero_stage must be 0, 1 or 2 (DeepSpeed MoE refuses 3), got {t.zero_stage}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    _check(t.eval_batches > 0, f"train.eval_batches must be > 0, got {t.eval_batches}")
+    _check(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
+    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    _check(cfg.logging.wandb.mode in ("offline", "online", "disabled"),
+           f"logging.wandb.mode must be offline, online or disabled, got {cfg.logging.wandb.mode!r}")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name,
+           f"run.name must be a non-empty folder name, got {cfg.run.name!r}")
+
+    d = cfg.data
+    _check(d.tokenizer != "bpe" or d.bpe_vocab_size >= 260,
+           f"data.bpe_vocab_size must be >= 260, got {d.bpe_vocab_size}")
+    _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _check(d.max_bytes >= 0, f"data.max_bytes must be >= 0, got {d.max_bytes}")
+    if not d.dataset.startswith("embedded:"):
+        looks_local = d.dataset.startswith((".", "/", "~")) or os.path.splitext(d.dataset)[1] in (
+            ".txt", ".json", ".jsonl", ".parquet", ".md")
+        if looks_local:
+            _check(os.path.exists(os.path.expanduser(d.dataset)), f"data.dataset: file not found: {d.dataset}")
+    else:
+        from moe.data import EMBEDDED_CORPORA
+
+        _check(d.dataset in EMBEDDED_CORPORA,
+               f"data.dataset: unknown embedded corpus {d.dataset!r}; known: {', '.join(EMBEDDED_CORPORA)}")
+
+
+def global_batch_size(cfg: Config, world_size: int) -> int:
+    t = cfg.train
+    return t.global_batch_size if t.global_batch_size > 0 else t.micro_batch_size * world_size
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    return global_batch_size(cfg, world_size) // (cfg.train.micro_batch_size * world_size)
