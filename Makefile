@@ -1,0 +1,41 @@
+# The README's two commands: `make quickstart` and `make test`. Each installs into .venv when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# On a CPU machine take the CPU wheel of torch (never a multi-GB CUDA build); a GPU user who already
+# has a CUDA torch in the venv keeps it, because `pip install` only adds what is missing.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install quickstart test test-fast clean-runs bench
+
+$(STAMP): setup.cfg setup.py pyproject.toml $(wildcard moe/csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch" || (echo "torch failed to install" && exit 1)
+	# --no-build-isolation: the extension build needs the torch that is installed here
+	$(PIP) install -q --no-build-isolation -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import moe, deepspeed, megatron.core, wandb, datasets, tokenizers" 2>/dev/null || (echo "install failed" && exit 1)
+	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; do it now, not in a run
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(VENV)/bin/moe info
+
+quickstart: $(STAMP)
+	bash experiments/quickstart.sh
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.dispatch
+
+clean-runs:
+	rm -rf runs/quickstart_dense runs/quickstart_moe runs/quickstart_compare

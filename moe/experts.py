@@ -1,0 +1,93 @@
+"""Expert weights and the grouped expert computation.
+
+All experts of a layer are stored stacked: `w13 [E, 2h, d]` (gate and up projections fused, the same
+layout as an nn.Linear weight) and `w2 [E, d, h]`. Rows arrive already sorted by expert, with
+`tokens_per_expert` giving the segment lengths. How the E small GEMMs run is a backend chosen by name:
+
+- `loop`: one GEMM per non-empty expert over its contiguous slice (best on CPU, no padding).
+- `padded`: pad every expert to the largest segment and run one batched GEMM (wasted FLOPs, one call).
+- `grouped`: `torch._grouped_mm` (one kernel for all experts; CUDA with bf16, Hopper-class GPUs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu(h13: torch.Tensor) -> torch.Tensor:
+    gate, up = h13.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xe = x[start:start + n]
+        outs.append(F.linear(swiglu(F.linear(xe, w13[e])), w2[e]))
+        start += n
+    if not outs:
+        return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
+    return torch.cat(outs, dim=0)
+
+
+def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
+    E, d = w13.shape[0], x.shape[1]
+    cap = max(max(counts), 1)
+    counts_t = torch.tensor(counts, device=x.device)
+    offsets = torch.cumsum(counts_t, 0) - counts_t
+    slot = torch.arange(cap, device=x.device)
+    valid = slot.unsqueeze(0) < counts_t.unsqueeze(1)  # [E, cap]
+    rows = (offsets.unsqueeze(1) + slot.unsqueeze(0))[valid]  # source row of each valid slot
+    padded = x.new_zeros(E * cap, d)
+    flat_valid = valid.reshape(-1)
+    padded = padded.index_copy(0, flat_valid.nonzero().squeeze(1), x.index_select(0, rows))
+    h = torch.bmm(padded.view(E, cap, d), w13.transpose(1, 2))
+    y = torch.bmm(swiglu(h), w2.transpose(1, 2)).reshape(E * cap, -1)
+    return y[flat_valid]
+
+
+def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
+    offs = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
+    h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(swiglu(h), w2.transpose(1, 2), offs=offs)
+
+
+EXPERT_IMPLS: Dict[str, Callable] = {"loop": _loop, "padded": _padded, "grouped": _grouped}
+
+
+def resolve_experts_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return "grouped"
+    return "loop"
+
+
+class Experts(nn.Module):
+    """E SwiGLU FFNs of hidden size h, computed over expert-sorted rows."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float, out_std: float,
+                 impl: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.impl = impl
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        nn.init.normal_(self.w13, std=init_std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        counts = tokens_per_expert.tolist()  # one host sync per layer; segment bounds need it anyway
+        impl = resolve_experts_impl(self.impl, x.device, x.dtype)
+        return EXPERT_IMPLS[impl](x, self.w13, self.w2, counts)
+
+
+def expert_init_stds(init_std: float, n_layers: int) -> tuple:
+    return init_std, init_std / math.sqrt(2 * n_layers)

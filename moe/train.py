@@ -1,0 +1,301 @@
+"""The training loop: config -> run folder -> distributed -> data -> model -> DeepSpeed engine -> steps.
+
+Reads top to bottom. Periodic work (metrics, eval, checkpoints) goes through `Periodic`. Everything
+needed to resume (step, tokens, sampler position, RNG, W&B run id; model, optimizer and scheduler
+inside the DeepSpeed checkpoint) is one `TrainState` dict saved with each checkpoint, so running the
+same command again continues where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from moe import checkpoint
+from moe.config import Config, ConfigError, config_from_yaml_text, grad_accum_steps, global_batch_size, to_dict, to_yaml, validate
+from moe.model import GPT, count_params, flops_per_token
+
+# Keys whose change does not make a run folder "another run": extending or re-logging a run is fine.
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.eval_batches", "logging",
+                  "checkpoint", "run.overwrite", "train.threads")
+
+
+def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: Config, new: Config) -> list:
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
+
+
+def prepare_run_dir(cfg: Config, is_writer: bool) -> str:
+    """Create runs/<name>/, or reuse it when it holds the same config. Never deletes a previous run:
+    with run.overwrite=true a different old run is moved aside to <name>.old-<time>."""
+    run_dir = os.path.join(cfg.run.root, cfg.run.name)
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(cfg_path):
+        try:
+            old = config_from_yaml_text(open(cfg_path).read())
+        except ConfigError as exc:
+            old, diff = None, [f"(unreadable: {exc})"]
+        else:
+            diff = config_differences(old, cfg)
+        if diff:
+            if not cfg.run.overwrite:
+                raise ConfigError(
+                    f"{run_dir} already holds a run with a different config (differs in: {', '.join(diff[:8])}); "
+                    f"choose another run.name or pass run.overwrite=true to move the old run aside")
+            if is_writer:
+                aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(run_dir, aside)
+                print(f"moved the previous run in {run_dir} to {aside}")
+    if is_writer:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(cfg_path + ".tmp", "w") as f:
+            f.write(to_yaml(cfg))
+        os.replace(cfg_path + ".tmp", cfg_path)
+    return run_dir
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, cfg: Config, dist_info, dtype) -> float:
+    """Mean validation loss over the first eval_batches micro-batches of every rank (same each time)."""
+    import torch.distributed as dist
+    from moe.data import BatchSampler
+
+    t = cfg.train
+    sampler = BatchSampler(dataset, t.seq_len, t.micro_batch_size, dist_info.rank, dist_info.world_size,
+                           seed=0, shuffle=False)
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for _ in range(t.eval_batches):
+        x, y = sampler.next_batch()
+        with torch.autocast(dist_info.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = engine(x.to(dist_info.device), y.to(dist_info.device))
+        total += torch.tensor([float(out.loss), 1.0], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+class Periodic:
+    """Decides which periodic work runs after a step: metrics, eval, checkpoint."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def log(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
+
+    def eval(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return step == self.cfg.train.steps or (every > 0 and step % every == 0)
+
+    def checkpoint(self, step: int) -> bool:
+        c = self.cfg.checkpoint
+        return (c.save_final and step == self.cfg.train.steps) or (c.every > 0 and step % c.every == 0)
+
+
+def train(cfg: Config) -> Dict[str, Any]:
+    """Train (or resume) the run described by cfg; returns the summary written to summary.json."""
+    import torch.distributed as dist
+
+    from moe import parallel
+    from moe.data import BatchSampler, prepare_data
+    from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
+
+    # 1. everything that can fail cheaply fails before any heavy work
+    world_size = parallel.world_size_from_env()
+    validate(cfg, world_size)
+    is_writer = int(os.environ.get("RANK", "0")) == 0
+    run_dir = prepare_run_dir(cfg, is_writer)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+
+    # 2. processes, data, model, engine
+    dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    rank = dist_info.rank
+    seed_everything(cfg.run.seed)
+    data = prepare_data(cfg.data, is_writer=rank == 0, barrier=dist.barrier)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.tokenizer.vocab_size
+    elif cfg.model.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({data.tokenizer.vocab_size})")
+    if rank == 0:
+        data.tokenizer.save(run_dir)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:  # now with the resolved vocab size
+            f.write(to_yaml(cfg))
+    model = GPT(cfg.model).to(dist_info.device)
+    params = count_params(model)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    accum = grad_accum_steps(cfg, world_size)
+    engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
+    moe_layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
+    tokens_per_step = global_batch_size(cfg, world_size) * cfg.train.seq_len
+
+    # 3. resume
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    sampler = BatchSampler(data.train, cfg.train.seq_len, cfg.train.micro_batch_size, rank, world_size,
+                           seed=cfg.run.seed)
+    state: Dict[str, Any] = {"step": 0, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "wandb_id": None}
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
+    if tag is not None:
+        state = checkpoint.load(engine, ckpt_dir, tag)
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+    resumed = tag is not None
+
+    if rank == 0:
+        kind = "moe" if moe_layers else "dense"
+        print(f"[moe] run {cfg.run.name} ({kind}) in {run_dir}: params total {params['params_total']:,}, "
+              f"active {params['params_active']:,}, training FLOPs/token {flops['flops_per_token']:.3e}, "
+              f"{tokens_per_step} tokens/step, world {world_size}, grad accum {accum}, device {dist_info.device}, "
+              f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}"
+              + (f"; resuming from {tag}" if resumed else ""), flush=True)
+    logger = None
+    if rank == 0:
+        logger = MetricLogger(run_dir, cfg, to_dict(cfg), state["step"] if resumed else None, state.get("wandb_id"))
+    peak = measure_peak_flops(dist_info.device, dtype) * world_size
+    summary: Dict[str, Any] = {"name": cfg.run.name, "model_type": "moe" if moe_layers else "dense",
+                               "status": "running", **params, **flops, "tokens_per_step": tokens_per_step}
+    _write_summary(run_dir, summary, rank)
+
+    # 4. the loop
+    periodic = Periodic(cfg)
+    progress = None
+    if rank == 0 and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=state["step"], desc=cfg.run.name, dynamic_ncols=True,
+                        mininterval=2.0)
+    train_loss = val_loss = grad_norm = float("nan")
+    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    engine.train()
+    try:
+        while state["step"] < cfg.train.steps:
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for _ in range(accum):
+                x, y = sampler.next_batch()
+                with torch.autocast(dist_info.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    out = engine(x.to(dist_info.device), y.to(dist_info.device))
+                engine.backward(out.loss + out.aux_loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary and engine.zero_optimization_stage() == 0:
+                    grad_norm = _grad_norm(engine)  # before the step clips and consumes the gradients
+                engine.step()
+                if boundary and engine.zero_optimization_stage() > 0:
+                    grad_norm = _grad_norm(engine)  # ZeRO computes it inside its step
+                step_loss += out.loss.detach().double().cpu() / accum
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["flops"] += tokens_per_step * flops["flops_per_token"]
+            window_loss += float(step_loss)
+            window_steps += 1
+            step = state["step"]
+
+            if periodic.log(step):
+                loss_t = torch.tensor([window_loss / window_steps], dtype=torch.float64)
+                dist.all_reduce(loss_t)
+                train_loss = float(loss_t) / world_size
+                elapsed = time.perf_counter() - window_t0
+                state["wall_s"] += elapsed
+                tps = window_steps * tokens_per_step / elapsed
+                record = {"step": step, "tokens": state["tokens"], "flops": state["flops"],
+                          "loss/train": train_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "speed/tokens_per_s": tps,
+                          "speed/mfu": tps * flops["flops_per_token"] / peak, **router_metrics(moe_layers)}
+                if logger:
+                    logger.log(record)
+                if progress:
+                    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+                window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+            if periodic.eval(step):
+                t0 = time.perf_counter()
+                val_loss = evaluate(engine, data.val, cfg, dist_info, dtype)
+                if logger:
+                    logger.log({"step": step, "tokens": state["tokens"], "flops": state["flops"],
+                                "loss/val": val_loss, "ppl/val": math.exp(min(val_loss, 50))})
+                window_t0 += time.perf_counter() - t0  # eval time is not training throughput
+            if periodic.checkpoint(step):
+                t0 = time.perf_counter()
+                state["sampler"] = sampler.state_dict()
+                state["rng"] = rng_state()
+                state["wandb_id"] = logger.wandb_id if logger else None
+                checkpoint.save(engine, ckpt_dir, step, state, to_yaml(cfg), cfg.checkpoint.keep_last, rank)
+                window_t0 += time.perf_counter() - t0
+            if progress:
+                progress.update(1)
+    except BaseException:
+        summary["status"] = "failed"
+        _write_summary(run_dir, summary, rank)
+        raise
+    finally:
+        if progress:
+            progress.close()
+
+    summary.update({"status": "finished", "train_loss": train_loss, "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50)), "tokens": state["tokens"], "steps": state["step"],
+                    "training_flops": state["flops"], "wall_s": state["wall_s"],
+                    "tokens_per_s": state["tokens"] / state["wall_s"] if state["wall_s"] > 0 else float("nan")})
+    _write_summary(run_dir, summary, rank)
+    if logger:
+        logger.summary(summary)
+        logger.close()
+        print(f"[moe] {cfg.run.name}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s -> {run_dir}", flush=True)
+    parallel.shutdown_distributed()
+    return summary
+
+
+def _grad_norm(engine) -> float:
+    """Global gradient norm before clipping. With ZeRO 0 the engine has already averaged the gradients
+    over data-parallel ranks at this point, so every rank computes the same norm; ZeRO 1/2 keep the
+    gradients partitioned and the engine reports the norm after its step."""
+    if engine.zero_optimization_stage() > 0:
+        norm = engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _write_summary(run_dir: str, summary: Dict[str, Any], rank: int) -> None:
+    if rank != 0:
+        return
+    path = os.path.join(run_dir, "summary.json")
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    with open(path + ".tmp", "w") as f:
+        json.dump(clean, f, indent=2)
+    os.replace(path + ".tmp", path)
