@@ -40,6 +40,8 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(old: Config, new: Config) -> list:
     a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    if b["model.vocab_size"] == 0:  # "from the tokenizer": the stored config holds the resolved value
+        b["model.vocab_size"] = a.get("model.vocab_size")
     return sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
 
@@ -174,6 +176,11 @@ def train(cfg: Config) -> Dict[str, Any]:
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
     if tag is not None:
         state = checkpoint.load(engine, ckpt_dir, tag)
+        # The optimizer restores the LR it last used, which came from the schedule of the saved run;
+        # recompute it from this run's schedule so that extending train.steps continues correctly.
+        for group, lr in zip(optimizer.param_groups, [base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                                                      for base in scheduler.base_lrs]):
+            group["lr"] = lr
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
     resumed = tag is not None
