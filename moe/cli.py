@@ -98,6 +98,8 @@ def cmd_info(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe", description="Train and compare dense and MoE GPT models.")
+    # the deepspeed launcher passes --local_rank=N before the subcommand
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run: moe train CONFIG [key=value ...]")
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     args.func(args)
 
 

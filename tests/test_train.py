@@ -113,3 +113,22 @@ def test_run_folder_with_other_config_is_not_overwritten(workdir, data_cache):
           data_cache=data_cache)
     aside = [p for p in (workdir / "runs").iterdir() if p.name.startswith("debug_dense.old-")]
     assert len(aside) == 1 and (aside[0] / "config.yaml").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_launcher(workdir, data_cache):
+    """`deepspeed --num_gpus 2 --module moe.cli train ...` (it passes --local_rank before the subcommand)."""
+    import subprocess
+    import sys
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--module", "moe.cli", "train", "experiments/debug_moe.yaml",
+                           f"data.cache_dir={data_cache}", "train.steps=3", "train.eval_every=0",
+                           "train.global_batch_size=8", "run.name=ds"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((workdir / "runs" / "ds" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 3
