@@ -1,0 +1,232 @@
+"""`moe sweep SWEEP.yaml`: run a grid or list of config variants (router ablations, seeds, ...).
+
+A sweep file:
+
+    name: router_ablation          # sweep name: W&B group, and the folder runs/<name>/
+    base: ../debug_moe.yaml        # config every run starts from (relative to the sweep file)
+    overrides: [train.steps=50]    # applied to every run
+    grid:                          # cartesian product over dotted keys
+      model.moe.top_k: [1, 2]
+      model.moe.aux_loss_coef: [0.0, 0.01]
+    variants:                      # optional: explicit override sets, crossed with the grid
+      - {model.moe.router: topk}
+      - {model.moe.router: expert_choice, model.moe.capacity_factor: 1.0}
+    seeds: [0, 1]                  # run.seed values (default: the base config's seed)
+
+Every run's config is loaded and validated before the first run starts, so a key that does not
+exist or a bad value fails at once, naming the key and the run. Run names are deterministic
+(`top_k=1,aux_loss_coef=0.0,seed=0`), so a rerun skips finished runs and resumes unfinished ones
+(each run resumes from its own latest checkpoint). A failed run is recorded in sweep.json with its
+log and never stops the others.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from moe.config import ConfigError, load_config, validate
+
+
+@dataclass
+class SweepRun:
+    name: str
+    overrides: Dict[str, Any]
+    """The swept values of this run (grid + variant + seed), dotted key -> value."""
+    args: List[str] = field(default_factory=list)
+    """Full override list passed to `moe train`."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: str
+    base: str
+    common: List[str]
+    runs: List[SweepRun]
+    swept_keys: List[str]
+    root: str
+
+
+def _fmt_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _short_names(keys: List[str]) -> Dict[str, str]:
+    """Last dotted component, unless two keys share it."""
+    tails = [k.split(".")[-1] for k in keys]
+    return {k: (t if tails.count(t) == 1 else k) for k, t in zip(keys, tails)}
+
+
+def _run_name(values: Dict[str, Any], short: Dict[str, str]) -> str:
+    parts = [f"{short[k]}={_fmt_value(v)}" for k, v in values.items()]
+    name = ",".join(parts) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def load_sweep(path: str, runs_root: str = "runs", world_size: int = 1) -> Sweep:
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file not found: {path}")
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    allowed = {"name", "base", "overrides", "grid", "variants", "seeds"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if "base" not in spec:
+        raise ConfigError(f"{path}: `base` (the config every run starts from) is required")
+    name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+    base = os.path.join(os.path.dirname(path), spec["base"])
+    common = [str(o) for o in spec.get("overrides") or []]
+    grid = spec.get("grid") or {}
+    variants = spec.get("variants") or [{}]
+    seeds = spec.get("seeds")
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path}: `grid` must map dotted keys to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values, got {values!r}")
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise ConfigError(f"{path}: `variants` must be a list of mappings of dotted keys to values")
+    if not grid and variants == [{}] and not seeds:
+        raise ConfigError(f"{path}: empty sweep: give a `grid`, `variants` or `seeds`")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds):
+        raise ConfigError(f"{path}: `seeds` must be a non-empty list")
+
+    keys = list(grid)
+    variant_keys = sorted({k for v in variants for k in v})
+    swept = variant_keys + [k for k in keys if k not in variant_keys] + (["run.seed"] if seeds else [])
+    short = _short_names(swept)
+    short["run.seed"] = "seed"
+    root = os.path.join(runs_root, name)
+    runs: List[SweepRun] = []
+    for variant in variants:
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            for seed in (seeds or [None]):
+                values: Dict[str, Any] = dict(variant)
+                values.update(zip(keys, combo))
+                if seed is not None:
+                    values["run.seed"] = seed
+                ordered = {k: values[k] for k in swept if k in values}
+                run = SweepRun(name=_run_name(ordered, short), overrides=ordered)
+                tags = [f"{short[k]}:{_fmt_value(v)}" for k, v in ordered.items()]
+                run.args = common + [f"{k}={_fmt_value(v)}" for k, v in ordered.items()] + [
+                    f"run.name={run.name}", f"run.root={root}", f"logging.wandb.group={name}",
+                    "logging.wandb.tags=[" + ",".join(t.replace(",", ";") for t in tags) + "]",
+                    "logging.wandb.job_type=train"]
+                runs.append(run)
+    names = [r.name for r in runs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: several runs would share the names {sorted(dupes)}; make the variants differ")
+    for run in runs:  # every run is checked before any starts
+        try:
+            validate(load_config(base, run.args), world_size)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: run {run.name}: {exc}") from None
+    return Sweep(name=name, path=path, base=base, common=common, runs=runs, swept_keys=swept, root=root)
+
+
+def run_status(run_dir: str) -> str:
+    """finished | unfinished | missing (judged from summary.json)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except ValueError:
+        return "unfinished"
+    return "finished" if summary.get("status") == "finished" else "unfinished"
+
+
+def write_manifest(sweep: Sweep, results: Dict[str, Dict[str, Any]]) -> str:
+    os.makedirs(sweep.root, exist_ok=True)
+    manifest = {
+        "name": sweep.name, "sweep_file": os.path.abspath(sweep.path), "base": os.path.abspath(sweep.base),
+        "overrides": sweep.common, "swept_keys": sweep.swept_keys,
+        "runs": [{"name": r.name, "values": r.overrides, "args": r.args, **results.get(r.name, {})}
+                 for r in sweep.runs],
+    }
+    path = os.path.join(sweep.root, "sweep.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def run_local(sweep: Sweep, parallel: int = 1, threads: int = 0, extra_env: Optional[Dict[str, str]] = None,
+              log=print) -> Dict[str, Dict[str, Any]]:
+    """Run the sweep's runs on this machine, `parallel` at a time; returns per-run results."""
+    results: Dict[str, Dict[str, Any]] = {}
+    pending: List[SweepRun] = []
+    for run in sweep.runs:
+        status = run_status(os.path.join(sweep.root, run.name))
+        if status == "finished":
+            results[run.name] = {"status": "finished", "skipped": True}
+            log(f"[sweep] {run.name}: finished earlier, skipped")
+        else:
+            pending.append(run)
+    write_manifest(sweep, results)
+    os.makedirs(sweep.root, exist_ok=True)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, parallel))
+    env = dict(os.environ, **(extra_env or {}))
+    active: List[tuple] = []
+    while pending or active:
+        while pending and len(active) < parallel:
+            run = pending.pop(0)
+            log_path = os.path.join(sweep.root, f"{run.name}.log")
+            cmd = [sys.executable, "-m", "moe.cli", "train", sweep.base, *run.args, f"train.threads={threads}",
+                   "logging.progress=false"]
+            log(f"[sweep] start {run.name} (log: {log_path})")
+            handle = open(log_path, "a")
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            active.append((run, proc, handle, time.time()))
+        time.sleep(0.5)
+        still = []
+        for run, proc, handle, t0 in active:
+            if proc.poll() is None:
+                still.append((run, proc, handle, t0))
+                continue
+            handle.close()
+            ok = proc.returncode == 0 and run_status(os.path.join(sweep.root, run.name)) == "finished"
+            results[run.name] = {"status": "finished" if ok else "failed", "returncode": proc.returncode,
+                                 "seconds": round(time.time() - t0, 1),
+                                 "log": os.path.join(sweep.root, f"{run.name}.log")}
+            log(f"[sweep] {run.name}: {results[run.name]['status']} in {results[run.name]['seconds']} s")
+            write_manifest(sweep, results)
+        active = still
+    write_manifest(sweep, results)
+    return results
+
+
+def wandb_sweep_config(sweep: Sweep) -> Dict[str, Any]:
+    """A W&B sweep config (grid) equivalent to this sweep, for users who prefer `wandb agent`."""
+    parameters: Dict[str, Any] = {}
+    by_key: Dict[str, list] = {}
+    for run in sweep.runs:
+        for k, v in run.overrides.items():
+            by_key.setdefault(k, [])
+            if v not in by_key[k]:
+                by_key[k].append(v)
+    for k, values in by_key.items():
+        parameters[k] = {"values": values}
+    return {
+        "name": sweep.name,
+        "method": "grid",
+        "metric": {"name": "loss/val", "goal": "minimize"},
+        "parameters": parameters,
+        # ${args_no_hyphens} expands to key=value pairs: exactly moe's dotted overrides
+        "command": ["${env}", "${interpreter}", "-m", "moe.cli", "train", os.path.abspath(sweep.base),
+                    *sweep.common, f"logging.wandb.group={sweep.name}", "${args_no_hyphens}"],
+    }

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+from moe.config import load_config
+from moe.match import match_dense, param_counts
+from moe.model import GPT, count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.moe.num_shared_experts=1", "model.moe.expert_hidden=64", "model.moe.num_experts=16", "model.moe.top_k=4"],
+    ["model.moe.moe_every=2", "model.tie_embeddings=false"],
+])
+def test_param_counts_equal_the_built_model(overrides):
+    cfg = load_config(os.path.join(ROOT, "experiments/quickstart_moe.yaml"), ["model.vocab_size=257", *overrides])
+    built = count_params(GPT(cfg.model))
+    counted = param_counts(cfg.model)
+    assert counted["params_total"] == built["params_total"]
+    assert counted["params_active"] == built["params_active"]
+
+
+@pytest.mark.parametrize("on", ["active", "total"])
+@pytest.mark.parametrize("config", ["quickstart_moe.yaml", "debug_moe.yaml"])
+def test_matched_dense_within_two_percent(config, on):
+    cfg = load_config(os.path.join(ROOT, "experiments", config))
+    dense, info = match_dense(cfg, on)
+    assert dense.model.moe.num_experts == 0
+    dense.model.vocab_size = 257
+    cfg.model.vocab_size = 257
+    got = count_params(GPT(dense.model))["params_total"]
+    target = count_params(GPT(cfg.model))[f"params_{on}"]
+    assert abs(got - target) / target < 0.02
+    assert abs(info["rel_diff"]) < 0.02
+
+
+def test_match_rejects_dense_config():
+    cfg = load_config(os.path.join(ROOT, "experiments/debug_dense.yaml"))
+    with pytest.raises(ValueError, match="already dense"):
+        match_dense(cfg)
