@@ -23,18 +23,82 @@ def swiglu(h13: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """E SwiGLU FFNs over contiguous row segments, one GEMM per non-empty expert.
+
+    Hand-written backward: every GEMM writes straight into preallocated activation and gradient
+    buffers (`out=`), so there is no per-expert slicing of the stacked weights in autograd (which
+    would zero-fill and accumulate a full-size gradient per expert) and no cat/stack of the results.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, counts):
+        n, d = x.shape
+        h = w2.shape[2]
+        h13 = x.new_empty(n, 2 * h)
+        act = x.new_empty(n, h)
+        out = x.new_empty(n, d)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = slice(start, start + c)
+            torch.mm(x[rows], w13[e].t(), out=h13[rows])
+            start += c
+        gate, up = h13[:, :h], h13[:, h:]
+        torch.mul(F.silu(gate), up, out=act)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = slice(start, start + c)
+            torch.mm(act[rows], w2[e].t(), out=out[rows])
+            start += c
+        ctx.counts = counts
+        ctx.save_for_backward(x, w13, w2, h13, act)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w13, w2, h13, act = ctx.saved_tensors
+        counts = ctx.counts
+        grad_out = grad_out.contiguous()
+        h = w2.shape[2]
+        grad_act = torch.empty_like(act)
+        grad_w2 = torch.empty_like(w2)
+        grad_w13 = torch.empty_like(w13)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                grad_w2[e].zero_()
+                continue
+            rows = slice(start, start + c)
+            torch.mm(grad_out[rows], w2[e], out=grad_act[rows])
+            torch.mm(grad_out[rows].t(), act[rows], out=grad_w2[e])
+            start += c
+        gate, up = h13[:, :h], h13[:, h:]
+        sig = torch.sigmoid(gate)
+        grad_h13 = torch.empty_like(h13)
+        torch.mul(grad_act, gate * sig, out=grad_h13[:, h:])  # d up = g * silu(gate)
+        # d silu(z)/dz = sig * (1 + z * (1 - sig))
+        torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h13[:, :h])
+        grad_x = torch.empty_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                grad_w13[e].zero_()
+                continue
+            rows = slice(start, start + c)
+            torch.mm(grad_h13[rows], w13[e], out=grad_x[rows])
+            torch.mm(grad_h13[rows].t(), x[rows], out=grad_w13[e])
+            start += c
+        return grad_x, grad_w13, grad_w2, None
+
+
 def _loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
-    outs = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xe = x[start:start + n]
-        outs.append(F.linear(swiglu(F.linear(xe, w13[e])), w2[e]))
-        start += n
-    if not outs:
+    if x.shape[0] == 0:
         return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
-    return torch.cat(outs, dim=0)
+    return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, counts)
 
 
 def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
