@@ -1,4 +1,4 @@
-"""`moe` command line: train | compare | generate | eval | match | sweep | report | launch | info."""
+"""`moe` command line: train | compare | generate | eval | match | sweep | report | launch | bench | info."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +162,16 @@ def cmd_report(args) -> None:
     print(f"report.md and plots written to {args.out}")
 
 
+def cmd_bench(args) -> None:
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(repo, "benchmarks", f"{args.which}.py")):
+        _die(f"benchmarks/{args.which}.py not found: `moe bench` runs from a source checkout (pip install -e .)")
+    cmd = [sys.executable, "-m", f"benchmarks.{args.which}", *args.rest]
+    sys.exit(subprocess.call(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=repo)))
+
+
 def cmd_info(args) -> None:
     import platform
 
@@ -192,7 +202,9 @@ def cmd_info(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe", description="Train and compare dense and MoE GPT models.")
+    # allow_abbrev=False: `moe launch --local N` must not read as an abbreviation of --local_rank
+    p = argparse.ArgumentParser(prog="moe", description="Train and compare dense and MoE GPT models.",
+                                allow_abbrev=False)
     # the deepspeed launcher passes --local_rank=N before the subcommand
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B summary run")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="run a benchmark: dispatch | layer | train (and others in benchmarks/)")
+    b.add_argument("which", help="benchmark name: dispatch, layer, train, ...")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="its own flags, e.g. --json out.json")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, device, distributed and dispatch backends")
     i.set_defaults(func=cmd_info)

@@ -77,11 +77,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
             torch.mm(grad_out[rows].t(), act[rows], out=grad_w2[e])
             start += c
         gate, up = h13[:, :h], h13[:, h:]
-        sig = torch.sigmoid(gate)
         grad_h13 = torch.empty_like(h13)
-        torch.mul(grad_act, gate * sig, out=grad_h13[:, h:])  # d up = g * silu(gate)
-        # d silu(z)/dz = sig * (1 + z * (1 - sig))
-        torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h13[:, :h])
+        torch.mul(grad_act, F.silu(gate), out=grad_h13[:, h:])  # d up = g * silu(gate)
+        # d gate = silu'(gate) * g * up, with aten's fused silu backward
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_h13[:, :h])
         grad_x = torch.empty_like(x)
         start = 0
         for e, c in enumerate(counts):

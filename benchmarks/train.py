@@ -1,0 +1,86 @@
+"""Training-step throughput: the MoE model against the dense model with equal active parameters.
+
+    python -m benchmarks.train [--dense CFG] [--moe CFG] [--steps N] [--threads N] [--json OUT] [key=value ...]
+
+Builds both models from their experiment configs (default: the quickstart pair), then times full
+training steps (forward, backward, AdamW step) on the same random token batches, alternating
+dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
+Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def build(cfg_path: str, overrides):
+    from moe.config import load_config, validate
+    from moe.model import GPT, count_params
+
+    cfg = load_config(cfg_path, list(overrides))
+    validate(cfg)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = 257 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size
+    model = GPT(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return cfg, model, opt, count_params(model)
+
+
+def step(model, opt, x, y) -> None:
+    out = model(x, y)
+    (out.loss + out.aux_loss).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dense", default="experiments/quickstart_dense.yaml")
+    p.add_argument("--moe", default="experiments/quickstart_moe.yaml")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    runs = {"dense": build(args.dense, args.overrides), "moe": build(args.moe, args.overrides)}
+    cfg = runs["dense"][0]
+    B, S, V = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.vocab_size
+    batches = [torch.randint(0, V, (B, S + 1)) for _ in range(4)]
+    times = {k: [] for k in runs}
+    for i in range(args.steps + 3):
+        batch = batches[i % len(batches)]
+        for name, (_, model, opt, _) in runs.items():
+            t0 = time.perf_counter()
+            step(model, opt, batch[:, :-1], batch[:, 1:])
+            if i >= 3:  # warmup
+                times[name].append(time.perf_counter() - t0)
+    tokens = B * S
+    result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps}
+    for name, (c, _, _, params) in runs.items():
+        med = statistics.median(times[name])
+        result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}
+    result["moe_over_dense"] = result["moe"]["tokens_per_s"] / result["dense"]["tokens_per_s"]
+    print(f"training step, {tokens} tokens/step, median of {args.steps} alternating steps, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'model':<8}{'params active':>15}{'params total':>14}{'step ms':>10}{'tokens/s':>11}")
+    for name in ("dense", "moe"):
+        r = result[name]
+        print(f"{name:<8}{r['params_active']:>15,}{r['params_total']:>14,}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11,.0f}")
+    print(f"MoE / dense tokens/s: {result['moe_over_dense']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    main()
