@@ -1,4 +1,5 @@
-"""`moe` command line: train | compare | generate | eval | match | sweep | report | launch | bench | info."""
+"""`moe` command line: train | compare | generate | eval | match | sweep | report | launch | bench | parity | ckpt |
+info."""
 from __future__ import annotations
 
 import argparse
@@ -183,6 +184,41 @@ def cmd_bench(args) -> None:
     sys.exit(subprocess.call(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=repo)))
 
 
+def cmd_parity(args) -> None:
+    from moe.parity import main_parity
+
+    sys.exit(main_parity(args))
+
+
+def cmd_ckpt_verify(args) -> None:
+    from moe.checkpoint import resolve_step_dir, verify
+
+    try:
+        path = resolve_step_dir(args.dir)
+    except (FileNotFoundError, RuntimeError) as exc:
+        _die(str(exc))
+    problems = verify(path)
+    if problems:
+        print(f"{path}: {len(problems)} problems", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        sys.exit(1)
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    experts = ", ".join(f"{layer}: {info['num_experts']}" for layer, info in meta["experts"].items())
+    print(f"{path}: OK (step {meta['step']}, {len(meta['tensors'])} non-expert tensors, experts per layer "
+          f"{{{experts}}}, saved at ep_size={meta['saved_with']['ep_size']} in {meta['expert_shards']} shards)")
+
+
+def cmd_ckpt_export(args) -> None:
+    from moe.checkpoint import CheckpointError, export
+
+    try:
+        info = export(args.dir, args.out)
+    except (FileNotFoundError, RuntimeError, CheckpointError) as exc:
+        _die(str(exc))
+    print(f"wrote {args.out}: {info['tensors']} tensors, {info['params']:,} parameters (step {info['step']})")
+
+
 def cmd_info(args) -> None:
     import platform
 
@@ -311,6 +347,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("which", help="benchmark name: dispatch, layer, train, ...")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="its own flags, e.g. --json out.json")
     b.set_defaults(func=cmd_bench)
+
+    pa = sub.add_parser(
+        "parity", help="run a config at several parallel layouts on the same batches and compare them",
+        description="Launch each layout as processes on this machine (torchrun --standalone), run N steps on "
+                    "the same global batches, print per step the loss, aux and z losses, grad norm and per-expert "
+                    "token counts with their differences to the first layout, and exit 1 above --tolerance. A "
+                    "layout is key=value[,key=value]: ep (parallel.ep_size), nproc, zero (train.zero_stage), mbs "
+                    "(train.micro_batch_size) or any dotted config key.")
+    pa.add_argument("config")
+    pa.add_argument("overrides", nargs="*", help="dotted overrides applied to every layout")
+    pa.add_argument("--layouts", nargs="+", required=True, metavar="LAYOUT", help='e.g. "ep=1" "ep=2" "ep=2,zero=1"')
+    pa.add_argument("--steps", type=int, default=5)
+    pa.add_argument("--nproc", type=int, default=None, help="processes per layout (default: the largest ep)")
+    pa.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference (default 1e-5)")
+    pa.add_argument("--keep", default=None, metavar="DIR", help="keep each layout's records and logs here")
+    pa.add_argument("--dump", action="store_true", help="with --keep: also save logits, gradients and final weights")
+    pa.set_defaults(func=cmd_parity)
+
+    ck = sub.add_parser("ckpt", help="inspect checkpoints: verify, export")
+    cks = ck.add_subparsers(dest="ckpt_command", required=True)
+    cv = cks.add_parser("verify", help="check that every expert of every layer is present exactly once")
+    cv.add_argument("dir", help="a step folder, a checkpoints folder or a run folder (latest)")
+    cv.set_defaults(func=cmd_ckpt_verify)
+    ce = cks.add_parser("export", help="write one consolidated safetensors file with the EP=1 names")
+    ce.add_argument("dir", help="a step folder, a checkpoints folder or a run folder (latest)")
+    ce.add_argument("out", help="output .safetensors file")
+    ce.set_defaults(func=cmd_ckpt_export)
 
     i = sub.add_parser("info", help="versions, device, distributed and dispatch backends")
     i.set_defaults(func=cmd_info)

@@ -26,39 +26,103 @@ class ConfigError(ValueError):
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-experts FFN settings. `num_experts: 0` means every FFN is dense."""
+    """Mixture-of-experts FFN settings. `num_experts: 0` means every FFN is dense.
 
+    Grouped as: layer shape; router family and scoring; routing noise; group-limited routing;
+    balancing (losses and the auxiliary-loss-free bias); capacity and dropping; backends. Which
+    combinations make sense is checked in `validate()` (and each router's `validate_config`).
+    """
+
+    # --- layer shape
     num_experts: int = 0
     """Routed experts per MoE layer; 0 makes the whole model dense."""
     top_k: int = 2
-    """Experts each token is sent to (token-choice routers)."""
+    """Experts each token is sent to (token-choice routers: topk, sinkhorn, hash; switch needs 1).
+    For router=expert_choice it is the compute-matched average number of experts per token: each
+    expert takes capacity_factor * tokens * top_k / num_experts tokens."""
     expert_hidden: int = 0
     """Hidden size of one routed expert's SwiGLU FFN; 0 means model.ffn_hidden. Smaller values give
     fine-grained experts (DeepSeekMoE)."""
     num_shared_experts: int = 0
-    """Experts that see every token, added to the routed output (DeepSeekMoE). Each has expert_hidden."""
+    """Experts that see every token, added to the routed output (DeepSeekMoE); any count. Each has
+    expert_hidden (they run as one dense FFN of num_shared_experts * expert_hidden)."""
     moe_every: int = 1
     """Every n-th block (1-based: blocks n-1, 2n-1, ...) gets an MoE FFN; the others are dense."""
     moe_layers: Optional[List[int]] = None
     """Explicit 0-based list of MoE blocks; overrides moe_every when set."""
+
+    # --- router family and scoring
     router: str = "topk"
-    """Router family, by registry name (see `moe/routing/__init__.py`)."""
+    """Router family, by registry name (moe/routing/__init__.py): `topk` (token choice, GShard/Mixtral/
+    DeepSeek-V3), `switch` (top-1), `expert_choice` (each expert picks its top tokens, Zhou et al.
+    2022), `sinkhorn` (Sinkhorn-balanced selection, BASE layers), `hash` (fixed token-id hash,
+    Roller et al. 2021)."""
     score_func: str = "softmax"
-    """How router logits become scores: `softmax` (before top-k, GShard/Switch) or `sigmoid`."""
+    """How router logits become scores: `softmax` (over all experts, before top-k: GShard/Switch) or
+    `sigmoid` (independent per-expert scores, DeepSeek-V3; the k gates are renormalised to sum to 1
+    when top_k > 1)."""
     renormalize: bool = False
-    """Rescale the top-k gate weights of each token to sum to 1 (Mixtral-style)."""
+    """Rescale the top-k softmax gate weights of each token to sum to 1. Identical to softmax after
+    top-k (Mixtral)."""
+    sinkhorn_iters: int = 10
+    """router=sinkhorn: Sinkhorn-Knopp iterations (log domain) that balance the [tokens, experts]
+    assignment before the top-k selection in training."""
+    hash_seed: int = 0
+    """router=hash: seed of the fixed token-id -> experts hash (each token id gets a fixed random set
+    of top_k distinct experts)."""
+
+    # --- routing noise (training only)
+    noisy_gating: bool = False
+    """Noisy top-k gating (Shazeer et al. 2017): add N(0, 1) * softplus(x W_noise) to the router logits
+    in training, with a learned W_noise (initialised to zero)."""
+    jitter_eps: float = 0.0
+    """Multiplicative input jitter (Switch): scale the router's input by U(1 - eps, 1 + eps) in
+    training (the experts see the clean input). 0 disables; Switch used 0.01."""
+    random_routing: bool = False
+    """GShard random routing (top_k=2, router=topk): in training a token's 2nd expert is used only with
+    probability min(1, 2 * g2 / (g1 + g2)); unused slots cost no expert compute or capacity."""
+
+    # --- group-limited routing (DeepSeek-V3)
+    n_groups: int = 0
+    """Split the experts into this many equal groups and route each token inside its topk_groups
+    best groups (group score = sum of its top top_k // topk_groups expert scores). 0 = off."""
+    topk_groups: int = 0
+    """Groups each token may use when n_groups > 0 (1 <= topk_groups <= n_groups)."""
+
+    # --- balancing. The losses are scaled by their coefficient and added to the training loss.
     aux_loss_coef: float = 0.01
-    """Coefficient of the Switch/GShard load-balancing loss; 0 disables it."""
+    """Switch/GShard load-balancing loss E * sum_e f_e * P_e over each micro-batch; 0 disables it.
+    Depends on the micro-batch size (not layout invariant)."""
+    seq_aux_loss_coef: float = 0.0
+    """Sequence-level balancing loss (DeepSeek-V3): the Switch loss of each sequence, averaged over
+    sequences; 0 disables it. Layout invariant."""
+    global_aux_loss_coef: float = 0.0
+    """Global-batch balancing loss (Qwen, Qiu et al. 2025): E * sum_e f_e * P_e where f_e is the expert
+    load of the whole previous optimizer step (counted over every micro-batch and summed over
+    data-parallel ranks) and P_e the micro-batch's mean probability; 0 disables it. Exactly layout
+    invariant; the first step has f uniform (no gradient)."""
     z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss (mean squared logsumexp of the logits); 0 disables it."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert bias added to the
+    scores for selection only (never to the gate weights), updated after each optimizer step by
+    rate * sign(mean load - load) from the step's load over all ranks and micro-batches; saved in
+    checkpoints. 0 disables it; DeepSeek-V3 used 0.001."""
+
+    # --- capacity and dropping
     capacity_factor: float = 0.0
-    """Training capacity per expert = capacity_factor * tokens * top_k / num_experts; 0 = dropless."""
+    """Training capacity per expert = capacity_factor * tokens * top_k / num_experts; 0 = dropless.
+    router=expert_choice needs it > 0 (capacity is how expert choice selects)."""
     eval_capacity_factor: float = 0.0
-    """Capacity factor used in eval/generation; 0 = dropless."""
+    """Capacity factor used in eval/generation; 0 = dropless (router=expert_choice: capacity_factor)."""
     min_capacity: int = 4
     """Lower bound of the per-expert capacity when a capacity factor is set."""
     drop_policy: str = "probs"
-    """Which tokens an over-full expert keeps: `probs` (highest gate weight) or `position` (earliest)."""
+    """Which tokens an over-full expert keeps: `probs` (highest gate weight) or `position` (earliest).
+    Dropped (token, expert) pairs contribute nothing: a token with no kept expert passes through the
+    residual path unchanged."""
+
+    # --- backends
     dispatch: str = "auto"
     """Token permutation backend: `auto` (compiled extension when built, else reference),
     `extension` or `reference` (pure PyTorch). MOE_DISPATCH=reference in the environment forces it."""
@@ -163,11 +227,16 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    """Expert-parallel size: experts are sharded over this many ranks."""
+    """Expert-parallel size: each MoE layer's experts are split over groups of this many consecutive
+    ranks (E/ep_size experts per rank, tokens exchanged with all_to_all); the world is data parallel
+    for everything else. Must divide model.moe.num_experts and the world size. Checkpoints are
+    layout-free: a run may resume at another ep_size (moe/expert_parallel.py, moe/checkpoint.py)."""
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on GPU, gloo on CPU), `gloo` or `nccl`."""
     timeout_s: int = 600
-    """Collective timeout; a stuck rank ends the job with an error after this long."""
+    """Collective timeout (seconds) of every process group (the default one, DeepSpeed's gradient
+    all-reduce group, the expert-parallel groups): a dead or stuck rank ends the job with an error
+    naming this rank and the collective after at most this long."""
 
 
 @dataclass
@@ -369,8 +438,33 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                f"model.moe.moe_every={moe.moe_every} selects no layer of {m.n_layers}")
         _check(moe.score_func in ("softmax", "sigmoid"),
                f"model.moe.score_func must be softmax or sigmoid, got {moe.score_func!r}")
-        _check(moe.aux_loss_coef >= 0, f"model.moe.aux_loss_coef must be >= 0, got {moe.aux_loss_coef}")
-        _check(moe.z_loss_coef >= 0, f"model.moe.z_loss_coef must be >= 0, got {moe.z_loss_coef}")
+        for key in ("aux_loss_coef", "seq_aux_loss_coef", "global_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(moe, key)
+            _check(0 <= value < float("inf"), f"model.moe.{key} must be >= 0 and finite, got {value}")
+        _check(0 <= moe.jitter_eps < 1, f"model.moe.jitter_eps must be in [0, 1), got {moe.jitter_eps}")
+        _check(moe.sinkhorn_iters >= 1, f"model.moe.sinkhorn_iters must be >= 1, got {moe.sinkhorn_iters}")
+        _check(not moe.random_routing or moe.top_k == 2,
+               f"model.moe.random_routing (GShard) drops the 2nd of two experts: it needs model.moe.top_k=2, "
+               f"got {moe.top_k}")
+        _check(moe.n_groups >= 0 and moe.topk_groups >= 0,
+               f"model.moe.n_groups ({moe.n_groups}) and model.moe.topk_groups ({moe.topk_groups}) must be >= 0")
+        _check((moe.n_groups > 0) == (moe.topk_groups > 0),
+               f"group-limited routing needs both model.moe.n_groups and model.moe.topk_groups > 0 "
+               f"(got n_groups={moe.n_groups}, topk_groups={moe.topk_groups})")
+        if moe.n_groups > 0:
+            _check(moe.num_experts % moe.n_groups == 0,
+                   f"model.moe.n_groups ({moe.n_groups}) must divide model.moe.num_experts ({moe.num_experts})")
+            _check(moe.topk_groups <= moe.n_groups,
+                   f"model.moe.topk_groups ({moe.topk_groups}) must be <= model.moe.n_groups ({moe.n_groups})")
+            _check(moe.topk_groups <= moe.top_k,
+                   f"model.moe.topk_groups ({moe.topk_groups}) must be <= model.moe.top_k ({moe.top_k}): a group's "
+                   f"score is the sum of its top top_k // topk_groups expert scores")
+            _check(moe.top_k <= moe.topk_groups * (moe.num_experts // moe.n_groups),
+                   f"model.moe.top_k ({moe.top_k}) exceeds the experts in model.moe.topk_groups={moe.topk_groups} "
+                   f"groups of {moe.num_experts // moe.n_groups}")
+        _check(moe.drop_policy != "position" or moe.capacity_factor > 0 or moe.eval_capacity_factor > 0,
+               "model.moe.drop_policy=position has no effect without a capacity: set model.moe.capacity_factor "
+               "(or model.moe.eval_capacity_factor) > 0")
         _check(moe.capacity_factor >= 0,
                f"model.moe.capacity_factor must be > 0 (or 0 for dropless), got {moe.capacity_factor}")
         _check(moe.eval_capacity_factor >= 0,
@@ -387,8 +481,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         ROUTERS[moe.router].validate_config(moe)
         _check(p.ep_size >= 1 and moe.num_experts % p.ep_size == 0,
                f"parallel.ep_size ({p.ep_size}) must divide model.moe.num_experts ({moe.num_experts})")
+        router_cls = ROUTERS[moe.router]
+        _check(p.ep_size == 1 or getattr(router_cls, "supports_expert_parallel", True),
+               f"model.moe.router={moe.router} cannot run expert-parallel (parallel.ep_size={p.ep_size}): "
+               f"{getattr(router_cls, 'expert_parallel_reason', 'it needs the tokens of other ranks')}; "
+               f"use parallel.ep_size=1")
+    _check(p.ep_size == 1 or moe.num_experts > 0,
+           f"parallel.ep_size={p.ep_size} needs MoE layers (model.moe.num_experts > 0); a dense model uses 1")
     _check(p.ep_size >= 1 and world_size % p.ep_size == 0,
            f"parallel.ep_size ({p.ep_size}) must divide the world size ({world_size})")
+    _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
 
     _check(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _check(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")

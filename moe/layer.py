@@ -16,6 +16,7 @@ from torch import nn
 from moe import ops
 from moe.experts import Experts, swiglu
 from moe.routing import build_router
+from moe.routing.capacity import layer_capacity
 
 
 class DenseFFN(nn.Module):
@@ -28,12 +29,20 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w13.weight, std=init_std)
         nn.init.normal_(self.w2.weight, std=out_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.w2(swiglu(self.w13(x)))
 
 
 class RouterStats:
-    """Per-layer routing statistics accumulated between two metric logs (detached, on device)."""
+    """Per-layer routing statistics accumulated between two metric logs (detached, on device; no host
+    sync until `moe.metrics.router_metrics` reads them).
+
+    Token-choice routers: `tokens_per_expert` counts the (token, slot) pairs each expert was chosen
+    for, before capacity drops; `slots` all chosen pairs, `dropped` those dropped by capacity.
+    Expert choice (every token lists every expert): `tokens_per_expert` is what each expert kept,
+    and `slots`/`dropped` count tokens and the tokens no expert took. `dropped_tokens` counts tokens
+    that got no expert at all (they pass through the residual path) for every router.
+    """
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -43,6 +52,7 @@ class RouterStats:
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self.dropped = 0.0
         self.slots = 0.0
+        self.dropped_tokens = 0.0
         self.entropy_sum: Optional[torch.Tensor] = None
         self.tokens = 0
         self.losses: Dict[str, torch.Tensor] = {}
@@ -50,10 +60,23 @@ class RouterStats:
 
     @torch.no_grad()
     def update(self, decision, index, num_tokens: int) -> None:
-        routed = torch.bincount(decision.expert_indices.reshape(-1), minlength=self.num_experts).double()
+        E = self.num_experts
+        kept = index.dest_rows >= 0
+        if decision.expert_choice:
+            routed = index.tokens_per_expert[:E].double()
+            slots = torch.tensor(float(num_tokens), device=kept.device, dtype=torch.float64)
+            dropped_tokens = (~kept.any(dim=1)).sum().double()
+            dropped = dropped_tokens
+        else:
+            used = decision.slot_mask if decision.slot_mask is not None else torch.ones_like(kept)
+            routed = decision.routed_counts(E).double()
+            slots = used.sum().double()
+            dropped = (used & ~kept).sum().double()
+            dropped_tokens = (~(kept & used).any(dim=1)).sum().double()
         self.tokens_per_expert = routed if self.tokens_per_expert is None else self.tokens_per_expert + routed
-        self.dropped += index.num_dropped
-        self.slots += decision.expert_indices.numel()
+        self.dropped = self.dropped + dropped
+        self.slots = self.slots + slots
+        self.dropped_tokens = self.dropped_tokens + dropped_tokens
         p = decision.scores / decision.scores.sum(-1, keepdim=True)
         ent = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).sum().double()
         self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
@@ -64,6 +87,10 @@ class RouterStats:
 
 
 class MoELayer(nn.Module):
+    """Routed experts (+ optional shared experts) in place of a dense FFN. `forward(x[..., d],
+    token_ids[...])`: token_ids (the model's input ids, same leading shape) are needed by hash routing
+    only. The last-but-one dimension of x is the sequence (for the sequence-level balancing loss)."""
+
     def __init__(self, d_model: int, expert_hidden: int, moe_cfg, init_std: float, out_std: float) -> None:
         super().__init__()
         self.cfg = moe_cfg
@@ -81,19 +108,33 @@ class MoELayer(nn.Module):
         self.aux_losses: Dict[str, torch.Tensor] = {}
 
     def capacity(self, num_tokens: int) -> Optional[int]:
-        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        return ops.expert_capacity(num_tokens, self.top_k, self.num_experts, factor, self.cfg.min_capacity)
+        return layer_capacity(self.cfg, num_tokens, self.training, self.router.capacity_based)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        decision = self.router(flat)
+        num_sequences = flat.shape[0] // shape[-2] if x.dim() >= 3 else 1
+        ids = token_ids.reshape(-1) if token_ids is not None else None
+        decision = self.router(flat, ids, num_sequences)
+        E = self.num_experts
+        expert_indices, gate_weights, num_buckets = decision.expert_indices, decision.gate_weights, E
+        if decision.slot_mask is not None:
+            # slots the router chose not to use go to a virtual expert E whose rows are never computed
+            expert_indices = torch.where(decision.slot_mask, expert_indices, torch.full_like(expert_indices, E))
+            gate_weights = gate_weights * decision.slot_mask
+            num_buckets = E + 1
         backend = self.dispatch_backend
-        index = ops.build_routing_index(decision.expert_indices, self.num_experts,
-                                        self.capacity(flat.shape[0]), decision.priority, backend=backend)
+        index = ops.build_routing_index(expert_indices, num_buckets, self.capacity(flat.shape[0]),
+                                        decision.priority, backend=backend)
         expert_in = ops.permute(flat, index, backend=backend)
-        expert_out = self.experts(expert_in, index.tokens_per_expert)
-        out = ops.unpermute(expert_out, index, decision.gate_weights, backend=backend)
+        if num_buckets > E:
+            counts = index.tokens_per_expert[:E]
+            real = int(counts.sum())
+            expert_out = self.experts(expert_in[:real], counts)
+            expert_out = torch.cat([expert_out, expert_out.new_zeros(index.num_rows - real, expert_out.shape[-1])])
+        else:
+            expert_out = self.experts(expert_in, index.tokens_per_expert)
+        out = ops.unpermute(expert_out, index, gate_weights, backend=backend)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         self.aux_losses = decision.losses if self.training else {}

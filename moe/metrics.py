@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from typing import Any, Dict, List, Optional
 
@@ -19,31 +20,138 @@ from moe.layer import MoELayer
 
 
 def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
-    """Summarise and reset each MoE layer's statistics since the last call.
+    """Summarise and reset each MoE layer's statistics since the last call (the logging window).
 
-    `load` is the fraction of routed (token, slot) pairs per expert, counted before capacity drops.
+    A collective when torch.distributed is initialised with more than one rank (one all-reduce of
+    every layer's statistics): call it on every rank; all ranks return the same, global, numbers.
+
+    Per layer L, under `router/layer{L}/`:
+    - `load`: fraction of routed (token, slot) pairs per expert, counted before capacity drops (expert
+      choice: what each expert kept); `tokens_per_expert`: the same as counts. Both JSONL-only lists.
+    - `max_over_mean`, `cv` (std / mean) of the per-expert counts; `dead_experts`: experts that got no
+      token in the window.
+    - `dropped_frac`: dropped fraction of the routed pairs (expert choice: of the tokens);
+      `dropped_tokens_frac`: tokens that got no expert at all and only took the residual path.
+    - `entropy`: mean entropy (nats) of the router's normalised scores.
+    - the weighted losses the layer added: `aux_loss`, `seq_aux_loss`, `global_aux_loss`, `z_loss`
+      (mean over the window's forward passes).
+    - aux-loss-free balancing: `bias` (list), `bias_range` (max - min; the bias is shift-invariant)
+      and `bias_std`.
     """
-    out: Dict[str, Any] = {}
-    for layer_id, layer in layers.items():
+    active = [(lid, layer) for lid, layer in layers.items() if layer.stats.tokens_per_expert is not None]
+    if not active:
+        return {}
+    # pack [counts E | dropped, slots, dropped_tokens, tokens, entropy, calls | losses] per layer
+    rows, loss_names = [], []
+    for _, layer in active:
         s = layer.stats
-        if s.tokens_per_expert is None:
-            continue
-        counts = s.tokens_per_expert.cpu()
+        names = sorted(s.losses)
+        loss_names.append(names)
+        dev = s.tokens_per_expert.device
+        scalars = [s.dropped, s.slots, s.dropped_tokens, float(s.tokens), s.entropy_sum, float(s.calls)]
+        scalars += [s.losses[n] for n in names]
+        rows.append(torch.cat([s.tokens_per_expert.double(),
+                               torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
+                                            for v in scalars])]))
+    packed = torch.cat(rows)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+    packed = packed.cpu()
+
+    out: Dict[str, Any] = {}
+    offset = 0
+    for (layer_id, layer), names in zip(active, loss_names):
+        E = layer.num_experts
+        counts = packed[offset:offset + E]
+        dropped, slots, dropped_tokens, tokens, entropy, calls = packed[offset + E:offset + E + 6].tolist()
+        losses = packed[offset + E + 6:offset + E + 6 + len(names)].tolist()
+        offset += E + 6 + len(names)
         total = float(counts.sum())
-        load = (counts / max(total, 1.0)).tolist()
-        mean = total / len(load)
-        std = float(counts.std(unbiased=False)) if len(load) > 1 else 0.0
+        mean = total / E
+        std = float(counts.std(unbiased=False)) if E > 1 else 0.0
         prefix = f"router/layer{layer_id}/"
-        out[prefix + "load"] = [round(v, 6) for v in load]
+        out[prefix + "load"] = [round(v, 6) for v in (counts / max(total, 1.0)).tolist()]
+        out[prefix + "tokens_per_expert"] = [int(v) for v in counts.tolist()]
         out[prefix + "max_over_mean"] = float(counts.max()) / mean if mean > 0 else 0.0
         out[prefix + "cv"] = std / mean if mean > 0 else 0.0
         out[prefix + "dead_experts"] = int((counts == 0).sum())
-        out[prefix + "dropped_frac"] = s.dropped / s.slots if s.slots else 0.0
-        out[prefix + "entropy"] = float(s.entropy_sum.cpu()) / s.tokens if s.tokens else 0.0
-        for name, value in s.losses.items():
-            out[prefix + name] = float(value.cpu()) / s.calls
-        s.reset()
+        out[prefix + "dropped_frac"] = dropped / slots if slots else 0.0
+        out[prefix + "dropped_tokens_frac"] = dropped_tokens / tokens if tokens else 0.0
+        out[prefix + "entropy"] = entropy / tokens if tokens else 0.0
+        for name, value in zip(names, losses):
+            out[prefix + name] = value / calls
+        bias = layer.router.expert_bias
+        if bias is not None:
+            b = bias.detach().double().cpu()
+            out[prefix + "bias"] = [round(v, 6) for v in b.tolist()]
+            out[prefix + "bias_range"] = float(b.max() - b.min())
+            out[prefix + "bias_std"] = float(b.std(unbiased=False))
+        layer.stats.reset()
     return out
+
+
+class LoadHeatmap:
+    """Per-layer expert load over time, rendered as one image for W&B (a heatmap per MoE layer:
+    steps across, experts down, colour = load / uniform load).
+
+    Fed with every logged record; bounded memory (at most `max_columns` time columns: when full,
+    neighbouring columns are averaged pairwise, so the image always spans the whole run) and bounded
+    cost (the caller renders it only on evaluation lines)."""
+
+    _KEY = re.compile(r"^router/layer(\d+)/load$")
+
+    def __init__(self, max_columns: int = 256) -> None:
+        self.max_columns = max_columns
+        self.steps: List[int] = []
+        self.loads: Dict[int, List[List[float]]] = {}
+
+    def add(self, record: Dict[str, Any]) -> None:
+        found = {int(m.group(1)): v for k, v in record.items() if (m := self._KEY.match(k))}
+        if not found:
+            return
+        if set(found) != set(self.loads) and self.steps:  # a layer set change cannot happen within a run
+            self.steps, self.loads = [], {}
+        self.steps.append(int(record["step"]))
+        for layer, load in found.items():
+            self.loads.setdefault(layer, []).append(list(load))
+        if len(self.steps) > self.max_columns:
+            self.steps = self.steps[1::2]
+            for layer, cols in self.loads.items():
+                pairs = zip(cols[0::2], cols[1::2])
+                self.loads[layer] = [[(a + b) / 2 for a, b in zip(x, y)] for x, y in pairs]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def render(self):
+        """An RGB uint8 array [H, W, 3] of the heatmaps (None when nothing was logged)."""
+        if not self.steps:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        layers = sorted(self.loads)
+        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.1 * len(layers)), squeeze=False,
+                                 sharex=True)
+        for ax, layer in zip(axes[:, 0], layers):
+            grid = np.asarray(self.loads[layer], dtype=float).T  # [E, time]
+            grid = grid * grid.shape[0]  # 1 = uniform load
+            im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+                           extent=(self.steps[0], self.steps[-1], grid.shape[0] - 0.5, -0.5))
+            ax.set_ylabel(f"layer {layer}\nexpert")
+            fig.colorbar(im, ax=ax, label="load / uniform")
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle("expert load per MoE layer")
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return image
 
 
 def wandb_mode(configured: str) -> str:
@@ -62,6 +170,7 @@ class MetricLogger:
             self._truncate_after(resume_step)
         self.wandb = None
         self.wandb_id = wandb_id
+        self.heatmap = LoadHeatmap()
         mode = wandb_mode(cfg.logging.wandb.mode)
         if mode != "disabled":
             import wandb
@@ -102,6 +211,12 @@ class MetricLogger:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.heatmap.add(record)
+            if "loss/val" in record and len(self.heatmap):  # bounded cost: one image per evaluation
+                import wandb
+
+                scalars["router/load_heatmap"] = wandb.Image(self.heatmap.render(),
+                                                             caption="expert load / uniform, per MoE layer")
             self.wandb.log(scalars, step=int(record["step"]))
 
     def summary(self, summary: Dict[str, Any]) -> None:

@@ -82,9 +82,10 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, dense_ffn_hidden(cfg), init_std, out_std)
 
-    def forward(self, x, cos, sin, cache=None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache=None, start_pos: int = 0, token_ids=None):
+        """token_ids: the model's input ids [B, S], for routers that route by token (hash routing)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, self.layer_id, cache, start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x), token_ids=token_ids)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class GPT(nn.Module):
         sin = self.rope_sin[start_pos:start_pos + S]
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, start_pos)
+            x = block(x, cos, sin, cache, start_pos, token_ids=idx)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

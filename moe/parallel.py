@@ -2,8 +2,15 @@
 
 The model never calls into DeepSpeed; everything that makes it distributed happens here:
 `init_distributed` (one process needs no launcher; torchrun and the deepspeed launcher set the env),
-`build_engine` (AdamW with weight-decay groups split into DeepSpeed's MoE parameter groups, the LR
-schedule, ZeRO, clipping, accumulation, precision) and the checkpoint helpers.
+`build_engine`, which applies, in order: expert parallelism (`moe.expert_parallel.apply_expert_parallel`
+when parallel.ep_size > 1: expert-parallel groups, local expert slices, the token exchange, the
+DeepSpeed MoE adapter), AdamW with weight-decay groups split into DeepSpeed's MoE parameter groups,
+the LR schedule, `deepspeed.initialize` (ZeRO, clipping, accumulation, precision), and the EP fix of
+DeepSpeed's non-ZeRO gradient clipping.
+
+Timeouts: `parallel.timeout_s` is given to the default process group, and to every group created
+here (DeepSpeed's clone of the world group, used for its gradient all-reduce, and the EP/EDP
+groups); torch's `new_group` would otherwise give them its 30-minute default.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -54,7 +61,46 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _clone_world_group(timeout_s)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _clone_world_group(timeout_s: int) -> None:
+    """DeepSpeed reduces gradients over its own clone of the world group (groups._clone_world_group),
+    created without a timeout; create it first, with ours, so a dead or stuck rank ends the
+    all-reduce within timeout_s instead of 30 minutes."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def collective_failure(exc: BaseException, rank: int, world_size: int, timeout_s: float) -> Optional[str]:
+    """A message naming this rank and the collective when `exc` came out of a torch.distributed
+    collective (a peer died, or stopped answering within the timeout); None otherwise. The collective
+    and its caller are read from the traceback (e.g. `all_reduce` called from
+    deepspeed/runtime/engine.py:allreduce_no_retain)."""
+    import traceback
+
+    from moe.expert_parallel import CollectiveError
+
+    if isinstance(exc, CollectiveError) or exc.__traceback__ is None:
+        return None  # already named (the token exchange)
+    frames = traceback.extract_tb(exc.__traceback__)
+    paths = [f.filename.replace(os.sep, "/") for f in frames]
+    c10d = [i for i, path in enumerate(paths) if path.endswith("torch/distributed/distributed_c10d.py")]
+    if not c10d:
+        return None
+    op = frames[c10d[0]].name
+    callers = [i for i in range(c10d[0]) if "/torch/" not in paths[i] and "/deepspeed/comm/" not in paths[i]]
+    where = ""
+    if callers:
+        where = f" called from {'/'.join(paths[callers[-1]].split('/')[-3:])}:{frames[callers[-1]].name}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"rank {rank} of {world_size}: collective {op}{where} failed (parallel.timeout_s={timeout_s:g}); a peer "
+            f"rank is dead or stuck [{type(exc).__name__}: {first}]")
 
 
 def shutdown_distributed() -> None:
@@ -103,10 +149,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: int):
-    """Wrap the model in a DeepSpeed engine with a torch AdamW and a warmup+cosine schedule."""
+    """Wrap the model in a DeepSpeed engine with a torch AdamW and a warmup+cosine schedule, after
+    sharding its experts when parallel.ep_size > 1 (the model must be built with the same seed on
+    every rank: each EP rank keeps its slice of the identically initialised experts)."""
     import deepspeed
 
+    from moe import expert_parallel
+
     t = cfg.train
+    expert_parallel.apply_expert_parallel(model, cfg.parallel.ep_size, cfg.parallel.timeout_s)
     dtype = resolve_dtype(t.dtype, dist_info.device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), eps=t.eps)
@@ -124,4 +175,22 @@ def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: i
     }
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if expert_parallel.model_groups(model) is not None:
+        if not engine.has_moe_layers:
+            raise RuntimeError("DeepSpeed did not recognise the expert-parallel MoE layers; expert gradients "
+                               "would not be reduced")
+        expert_parallel.fix_engine_clipping(engine)
     return engine, optimizer, scheduler, dtype
+
+
+def grad_norm(engine) -> float:
+    """Global gradient norm before clipping, every expert counted once (a collective under EP).
+    Without ZeRO, call it at the accumulation boundary after backward and before engine.step (the
+    engine has reduced the gradients then); ZeRO 1/2 keep them partitioned and report the norm after
+    their step (`engine.get_global_grad_norm()`)."""
+    from moe.expert_parallel import global_grad_norm
+
+    if engine.zero_optimization_stage() > 0:
+        norm = engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    return float(global_grad_norm(list(engine.module.parameters())))

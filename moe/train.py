@@ -12,6 +12,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import subprocess
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -22,9 +25,10 @@ from moe import checkpoint
 from moe.config import Config, ConfigError, config_from_yaml_text, grad_accum_steps, global_batch_size, to_dict, to_yaml, validate
 from moe.model import GPT, count_params, flops_per_token
 
-# Keys whose change does not make a run folder "another run": extending or re-logging a run is fine.
+# Keys whose change does not make a run folder "another run": extending or re-logging a run is fine,
+# and so is resuming at another parallel layout (checkpoints are layout-free, see moe/checkpoint.py).
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.eval_batches", "logging",
-                  "checkpoint", "run.overwrite", "train.threads")
+                  "checkpoint", "run.overwrite", "train.threads", "parallel", "train.zero_stage")
 
 
 def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
@@ -130,18 +134,79 @@ class Periodic:
         return (c.save_final and step == self.cfg.train.steps) or (c.every > 0 and step % c.every == 0)
 
 
+class Preemption:
+    """Stops the run cleanly when asked by a signal: SIGUSR2 is Slurm's warning before the time limit
+    (`#SBATCH --signal=USR2@120`, or `scancel --signal=USR2 JOBID`); SIGTERM is a cancel, a time limit
+    or a preemption.
+
+    The handler only sets a flag. At each step boundary every rank learns whether any rank was
+    signalled (one all-reduce of an int), so all ranks stop after the same step; the loop then saves a
+    checkpoint and ends. After USR2 under Slurm, rank 0 finally requeues the job (`scontrol requeue`),
+    whose next start resumes from that checkpoint. SIGTERM never requeues: it is how `scancel` and time
+    limits end a job, and Slurm requeues preempted jobs itself.
+    """
+
+    USR2, TERM = 1, 2  # stop codes; TERM wins when both arrive, so a cancel never turns into a requeue
+
+    def __init__(self) -> None:
+        self.received = 0  # on this rank
+        self.stopped = 0  # agreed by all ranks at the last step boundary
+        self._previous: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = max(self.received, self.TERM if signum == signal.SIGTERM else self.USR2)
+
+    def requested(self, device: torch.device) -> bool:
+        """Collective: call on every rank at the same step boundary."""
+        import torch.distributed as dist
+
+        code = self.received
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([code], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        self.stopped = code
+        return code > 0
+
+    def finish(self, rank: int, step: int) -> None:
+        """After the run's last write. Requeueing makes Slurm end this job at once, so it comes last."""
+        name = {self.USR2: "SIGUSR2", self.TERM: "SIGTERM"}.get(self.stopped)
+        job = os.environ.get("SLURM_JOB_ID")
+        if name and rank == 0:
+            print(f"[moe] stopped after step {step} on {name}; checkpoint saved", flush=True)
+        if self.stopped == self.USR2 and job:
+            if rank == 0:
+                import sys
+
+                if "wandb" in sys.modules:  # stop W&B's service now: the requeue ends every process of the job
+                    sys.modules["wandb"].teardown()
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                print(f"[moe] requeued Slurm job {job}" if proc.returncode == 0 else
+                      f"[moe] scontrol requeue {job} failed: {proc.stderr.strip()}", flush=True)
+            return  # keep the handlers: Slurm's SIGTERM for the requeue must not kill this exiting process
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def train(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by cfg; returns the summary written to summary.json."""
     import torch.distributed as dist
 
     from moe import parallel
     from moe.data import BatchSampler, prepare_data
+    from moe.expert_parallel import ep_metrics
     from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
+    from moe.routing.balancing import end_optimizer_step
 
     # 1. everything that can fail cheaply fails before any heavy work
     world_size = parallel.world_size_from_env()
     validate(cfg, world_size)
     is_writer = int(os.environ.get("RANK", "0")) == 0
+    preemption = Preemption()  # from here on, a signal stops the run at a step boundary
     run_dir = prepare_run_dir(cfg, is_writer)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -225,6 +290,8 @@ def train(cfg: Config) -> Dict[str, Any]:
                 engine.step()
                 if boundary and engine.zero_optimization_stage() > 0:
                     grad_norm = _grad_norm(engine)  # ZeRO computes it inside its step
+                if boundary:  # the step's expert load -> aux-loss-free bias, global-batch loss statistics
+                    end_optimizer_step(model)
                 step_loss += out.loss.detach().double().cpu() / accum
             state["step"] += 1
             state["tokens"] += tokens_per_step
@@ -243,7 +310,8 @@ def train(cfg: Config) -> Dict[str, Any]:
                 record = {"step": step, "tokens": state["tokens"], "flops": state["flops"],
                           "loss/train": train_loss, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm, "speed/tokens_per_s": tps,
-                          "speed/mfu": tps * flops["flops_per_token"] / peak, **router_metrics(moe_layers)}
+                          "speed/mfu": tps * flops["flops_per_token"] / peak, **router_metrics(moe_layers),
+                          **ep_metrics(model, window_steps, elapsed)}
                 if logger:
                     logger.log(record)
                 if progress:
@@ -256,7 +324,8 @@ def train(cfg: Config) -> Dict[str, Any]:
                     logger.log({"step": step, "tokens": state["tokens"], "flops": state["flops"],
                                 "loss/val": val_loss, "ppl/val": math.exp(min(val_loss, 50))})
                 window_t0 += time.perf_counter() - t0  # eval time is not training throughput
-            if periodic.checkpoint(step):
+            stop = preemption.requested(dist_info.device)  # a signal on any rank stops every rank here
+            if periodic.checkpoint(step) or stop:
                 t0 = time.perf_counter()
                 state["sampler"] = sampler.state_dict()
                 state["rng"] = rng_state()
@@ -265,15 +334,23 @@ def train(cfg: Config) -> Dict[str, Any]:
                 window_t0 += time.perf_counter() - t0
             if progress:
                 progress.update(1)
-    except BaseException:
+            if stop:
+                break
+    except BaseException as exc:
         summary["status"] = "failed"
         _write_summary(run_dir, summary, rank)
+        failure = parallel.collective_failure(exc, rank, world_size, cfg.parallel.timeout_s)
+        if failure:  # a dead or stuck peer: say which collective, on which rank
+            from moe.expert_parallel import CollectiveError
+
+            raise CollectiveError(failure) from exc
         raise
     finally:
         if progress:
             progress.close()
 
-    summary.update({"status": "finished", "train_loss": train_loss, "val_loss": val_loss,
+    summary.update({"status": "preempted" if preemption.stopped else "finished",
+                    "train_loss": train_loss, "val_loss": val_loss,
                     "val_ppl": math.exp(min(val_loss, 50)), "tokens": state["tokens"], "steps": state["step"],
                     "training_flops": state["flops"], "wall_s": state["wall_s"],
                     "tokens_per_s": state["tokens"] / state["wall_s"] if state["wall_s"] > 0 else float("nan")})
@@ -284,18 +361,18 @@ def train(cfg: Config) -> Dict[str, Any]:
         print(f"[moe] {cfg.run.name}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
               f"{summary['tokens_per_s']:,.0f} tokens/s -> {run_dir}", flush=True)
     parallel.shutdown_distributed()
+    preemption.finish(rank, state["step"])
     return summary
 
 
 def _grad_norm(engine) -> float:
     """Global gradient norm before clipping. With ZeRO 0 the engine has already averaged the gradients
-    over data-parallel ranks at this point, so every rank computes the same norm; ZeRO 1/2 keep the
+    over data-parallel ranks at this point, so every rank computes the same norm (under expert
+    parallelism each expert is counted once: a collective over the EP group); ZeRO 1/2 keep the
     gradients partitioned and the engine reports the norm after its step."""
-    if engine.zero_optimization_stage() > 0:
-        norm = engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    from moe.parallel import grad_norm
+
+    return grad_norm(engine)
 
 
 def _write_summary(run_dir: str, summary: Dict[str, Any], rank: int) -> None:

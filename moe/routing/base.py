@@ -1,11 +1,27 @@
-"""What every router returns, and the base class routers share."""
+"""What every router returns, and the base class routers share.
+
+A router maps hidden states [T, d] to a RoutingDecision. Subclasses implement `route()`; the base
+class owns what every family shares: fp32 logits with the optional training noise (Switch input
+jitter, Shazeer noisy gating), the score function, the auxiliary-loss-free selection bias, the
+balancing losses (see losses.py) and the per-step load that feeds the bias and the global-batch loss
+(see balancing.py).
+
+Balancing state lives in registered buffers, so DeepSpeed saves and restores it with the model:
+- `expert_bias` [E] fp32 (bias_update_rate > 0): added to the scores for selection only.
+- `global_load` [E] fp32 (global_aux_loss_coef > 0): the previous step's load fraction f.
+- `step_load` [E] int64 (either of the above; not saved): experts chosen so far this step. It is
+  summed over data-parallel ranks and cleared by `end_step` after each optimizer step.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from moe.routing import losses as L
 
 
 @dataclass
@@ -13,7 +29,7 @@ class RoutingDecision:
     """A router's output for T tokens. Dispatch only moves tokens; it never looks inside this."""
 
     expert_indices: torch.Tensor
-    """[T, k] int64: the experts each token goes to."""
+    """[T, k] int64: the experts each token goes to (expert choice: all E experts, [T, E])."""
     gate_weights: torch.Tensor
     """[T, k] fp32: the weight of each expert's output in the token's combination."""
     priority: Optional[torch.Tensor]
@@ -21,13 +37,31 @@ class RoutingDecision:
     logits: torch.Tensor
     """[T, E] fp32 router logits (for z-loss and statistics)."""
     scores: torch.Tensor
-    """[T, E] fp32 router probabilities over experts (softmax or sigmoid of the logits)."""
+    """[T, E] fp32 router scores over experts (softmax or sigmoid of the logits, without any bias)."""
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """Coefficient-weighted auxiliary losses (`aux_loss`, `z_loss`), added to the training loss."""
+    """Coefficient-weighted auxiliary losses (`aux_loss`, `seq_aux_loss`, `global_aux_loss`, `z_loss`),
+    added to the training loss. Filled in training only."""
+    slot_mask: Optional[torch.Tensor] = None
+    """[T, k] bool or None: False marks a slot the router chose not to use (GShard random routing);
+    such a slot gets no expert compute, no capacity and no weight."""
+    expert_choice: bool = False
+    """True when every token lists every expert and the capacity does the selection (expert choice):
+    the load is then what the routing index keeps, not what the router listed."""
+
+    def routed_counts(self, num_experts: int) -> torch.Tensor:
+        """[E] int64: (token, slot) pairs the router sent to each expert, before any capacity drop."""
+        idx = self.expert_indices
+        if self.slot_mask is not None:
+            idx = idx[self.slot_mask]
+        return torch.bincount(idx.reshape(-1), minlength=num_experts)
 
 
 class Router(nn.Module):
     """Maps hidden states [T, d] to a RoutingDecision. Runs in fp32 whatever the model dtype."""
+
+    capacity_based: bool = False
+    """True for routers whose selection is the capacity itself (expert choice): they need a capacity in
+    eval too (eval_capacity_factor 0 then means capacity_factor)."""
 
     def __init__(self, d_model: int, cfg) -> None:
         super().__init__()
@@ -36,11 +70,122 @@ class Router(nn.Module):
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
+        self.noise_weight: Optional[nn.Parameter] = None
+        if cfg.noisy_gating:  # Shazeer et al. 2017 initialise W_noise to zero
+            self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, d_model))
+        self.expert_bias: Optional[torch.Tensor]
+        self.global_load: Optional[torch.Tensor]
+        self.step_load: Optional[torch.Tensor]
+        E = cfg.num_experts
+        self.register_buffer("expert_bias", torch.zeros(E) if cfg.bias_update_rate > 0 else None)
+        self.register_buffer("global_load", torch.full((E,), 1.0 / E) if cfg.global_aux_loss_coef > 0 else None)
+        tracks = cfg.bias_update_rate > 0 or cfg.global_aux_loss_coef > 0
+        self.register_buffer("step_load", torch.zeros(E, dtype=torch.long) if tracks else None, persistent=False)
 
     @classmethod
     def validate_config(cls, cfg) -> None:
         """Raise moe.config.ConfigError for settings this router cannot honour."""
 
+    # ------------------------------------------------------------------------------------ routing
+
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
+                num_sequences: int = 1) -> RoutingDecision:
+        """x: [T, d]; token_ids: [T] input token ids (hash routing); num_sequences: how many equal
+        consecutive sequences the T tokens are (sequence-level balancing loss)."""
+        self._keep_fp32_buffers()
+        decision = self.route(x, token_ids)
+        if self.training:
+            decision.losses = self.balancing_losses(decision, num_sequences)
+            if self.step_load is not None:
+                with torch.no_grad():
+                    self.step_load += decision.routed_counts(self.num_experts)
+        return decision
+
+    def route(self, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> RoutingDecision:
+        raise NotImplementedError
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, E], with input jitter and noisy gating applied in training when configured."""
         # fp32 routing: bf16 logits flip top-k choices between otherwise identical runs
-        return torch.nn.functional.linear(x.float(), self.weight.float())
+        x = x.float()
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        logits = F.linear(x, self.weight.float())
+        if self.training and self.noise_weight is not None:
+            noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
+            logits = logits + torch.randn_like(logits) * noise_std
+        return logits
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score_func == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+    def selection_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores that pick experts: plus the balancing bias when aux-loss-free balancing is on."""
+        return scores if self.expert_bias is None else scores + self.expert_bias
+
+    def gates(self, chosen_scores: torch.Tensor) -> torch.Tensor:
+        """Gate weights from the (unbiased) scores of the chosen experts [T, k]."""
+        k = chosen_scores.shape[-1]
+        if self.cfg.renormalize or (self.cfg.score_func == "sigmoid" and k > 1):
+            return chosen_scores / chosen_scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return chosen_scores
+
+    # ---------------------------------------------------------------------------------- balancing
+
+    def balance_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores normalised over experts (so each balancing loss is 1 at perfect balance)."""
+        if self.cfg.score_func == "softmax":
+            return scores
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def balancing_losses(self, d: RoutingDecision, num_sequences: int) -> Dict[str, torch.Tensor]:
+        c, E = self.cfg, self.num_experts
+        out: Dict[str, torch.Tensor] = {}
+        if c.aux_loss_coef > 0 or c.seq_aux_loss_coef > 0 or c.global_aux_loss_coef > 0:
+            probs = self.balance_probs(d.scores)
+            if c.aux_loss_coef > 0:
+                out["aux_loss"] = c.aux_loss_coef * L.load_balancing_loss(probs, d.expert_indices, E)
+            if c.seq_aux_loss_coef > 0:
+                out["seq_aux_loss"] = c.seq_aux_loss_coef * L.sequence_load_balancing_loss(
+                    probs, d.expert_indices, E, num_sequences)
+            if c.global_aux_loss_coef > 0:
+                out["global_aux_loss"] = c.global_aux_loss_coef * L.global_load_balancing_loss(
+                    probs, self.global_load, E)
+        if c.z_loss_coef > 0:
+            out["z_loss"] = c.z_loss_coef * L.z_loss(d.logits)
+        return out
+
+    @torch.no_grad()
+    def end_step(self, load: torch.Tensor) -> None:
+        """After an optimizer step: `load` [E] is the step's routed count per expert, summed over every
+        micro-batch and data-parallel rank (the same on every rank, so the buffers stay in sync)."""
+        load = load.to(torch.float64)
+        if self.expert_bias is not None:  # Wang et al. 2024: b_e += u * sign(mean load - load_e)
+            delta = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+            self.expert_bias += delta.to(self.expert_bias.dtype)
+        if self.global_load is not None and float(load.sum()) > 0:
+            self.global_load.copy_((load / load.sum()).to(self.global_load.dtype))
+        if self.step_load is not None:
+            self.step_load.zero_()
+
+    def _keep_fp32_buffers(self) -> None:
+        # a mixed-precision wrapper may cast float buffers; a bf16 bias cannot hold 1e-3 updates
+        for name in ("expert_bias", "global_load"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                buf.data = buf.data.float()
+
+
+def check_unused(cfg, router: str, reason: str, *keys: str) -> None:
+    """ConfigError when any of `keys` (MoEConfig fields) is set (non-zero/true) for a router that
+    does not use it; the message names the keys and why."""
+    from moe.config import ConfigError
+
+    bad = [k for k in keys if getattr(cfg, k)]
+    if bad:
+        settings = ", ".join(f"model.moe.{k}={getattr(cfg, k)}" for k in bad)
+        zero = ", ".join(f"model.moe.{k}={'false' if isinstance(getattr(cfg, k), bool) else 0}" for k in bad)
+        raise ConfigError(f"model.moe.router={router} {reason}: {settings} makes no sense with it (set {zero})")
