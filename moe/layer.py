@@ -54,6 +54,7 @@ class RouterStats:
         self.slots = 0.0
         self.dropped_tokens = 0.0
         self.entropy_sum: Optional[torch.Tensor] = None
+        self.lse2_sum: Optional[torch.Tensor] = None
         self.tokens = 0
         self.losses: Dict[str, torch.Tensor] = {}
         self.calls = 0
@@ -80,6 +81,9 @@ class RouterStats:
         p = decision.scores / decision.scores.sum(-1, keepdim=True)
         ent = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).sum().double()
         self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
+        # the quantity the z-loss penalises, logged whatever its coefficient (0 included)
+        lse2 = torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double()
+        self.lse2_sum = lse2 if self.lse2_sum is None else self.lse2_sum + lse2
         self.tokens += num_tokens
         for k, v in decision.losses.items():
             self.losses[k] = self.losses.get(k, 0.0) + v.detach().double()

@@ -41,14 +41,14 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
     active = [(lid, layer) for lid, layer in layers.items() if layer.stats.tokens_per_expert is not None]
     if not active:
         return {}
-    # pack [counts E | dropped, slots, dropped_tokens, tokens, entropy, calls | losses] per layer
+    # pack [counts E | dropped, slots, dropped_tokens, tokens, entropy, calls, lse2 | losses] per layer
     rows, loss_names = [], []
     for _, layer in active:
         s = layer.stats
         names = sorted(s.losses)
         loss_names.append(names)
         dev = s.tokens_per_expert.device
-        scalars = [s.dropped, s.slots, s.dropped_tokens, float(s.tokens), s.entropy_sum, float(s.calls)]
+        scalars = [s.dropped, s.slots, s.dropped_tokens, float(s.tokens), s.entropy_sum, float(s.calls), s.lse2_sum]
         scalars += [s.losses[n] for n in names]
         rows.append(torch.cat([s.tokens_per_expert.double(),
                                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
@@ -65,9 +65,9 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
     for (layer_id, layer), names in zip(active, loss_names):
         E = layer.num_experts
         counts = packed[offset:offset + E]
-        dropped, slots, dropped_tokens, tokens, entropy, calls = packed[offset + E:offset + E + 6].tolist()
-        losses = packed[offset + E + 6:offset + E + 6 + len(names)].tolist()
-        offset += E + 6 + len(names)
+        dropped, slots, dropped_tokens, tokens, entropy, calls, lse2 = packed[offset + E:offset + E + 7].tolist()
+        losses = packed[offset + E + 7:offset + E + 7 + len(names)].tolist()
+        offset += E + 7 + len(names)
         total = float(counts.sum())
         mean = total / E
         std = float(counts.std(unbiased=False)) if E > 1 else 0.0
@@ -80,6 +80,7 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
         out[prefix + "dropped_frac"] = dropped / slots if slots else 0.0
         out[prefix + "dropped_tokens_frac"] = dropped_tokens / tokens if tokens else 0.0
         out[prefix + "entropy"] = entropy / tokens if tokens else 0.0
+        out[prefix + "logit_lse2"] = lse2 / tokens if tokens else 0.0  # mean logsumexp(logits)^2
         for name, value in zip(names, losses):
             out[prefix + name] = value / calls
         bias = layer.router.expert_bias

@@ -36,6 +36,7 @@ def test_moe_loss_falls_and_run_folder_is_complete(workdir, data_cache):
         load = line[f"router/layer{layer}/load"]
         assert len(load) == 4 and abs(sum(load) - 1) < 1e-4
         assert f"router/layer{layer}/aux_loss" in line and f"router/layer{layer}/entropy" in line
+        assert line[f"router/layer{layer}/logit_lse2"] > 0
     assert any("loss/val" in m for m in read_metrics(run))
     # W&B offline run exists with the same keys
     assert list((run / "wandb").glob("offline-run-*"))
