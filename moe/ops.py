@@ -10,6 +10,27 @@ Three ops, each differentiable:
 
 This file holds the pure-PyTorch reference. A compiled backend, when present, is chosen by
 `dispatch_backend()`; the reference is always importable and is what tests compare against.
+
+Compiled backend (`backend="extension"`): the C++/CUDA extension `moe._C` (moe/csrc/, built by
+setup.py) registers four dispatcher ops, torch.ops.moe.{routing_index, permute, unpermute,
+unpermute_backward}, with CPU (and, in a CUDA build, CUDA) kernels. It is imported lazily, on first
+use, by `_load_extension()`, which also registers their fake (meta) kernels and autograd formulas
+with torch.library, so the ops work under torch.compile (fullgraph) and with autograd:
+
+- permute(x, dest_rows, num_rows): backward = unpermute(grad, dest_rows, None), a deterministic
+  per-token gather-sum (no atomics); double backward is permute again.
+- unpermute(y, dest_rows, gate_weights): backward = unpermute_backward -> (grad_y, grad_w).
+- routing_index: its output size (kept rows) is data dependent. The fake kernel returns a static
+  size T * k when nothing can be dropped (capacity None or >= T * k) and otherwise an unbacked
+  SymInt (ctx.new_dynamic_size, 0 <= rows <= min(T * k, E * capacity)); so it can stay inside a
+  compiled graph. Its outputs are integer index tensors and need no autograd (priority is detached).
+
+The extension is loaded by `_extension_devices()`, which torch.compile evaluates at trace time
+(assume_constant_result), so a first use inside a compiled region works too. Tensors on a device the
+build has no kernels for (e.g. CUDA with a CPU-only build) fall back to the reference with a warning.
+CPU kernels are built for the baseline ISA and for AVX2+F16C (picked at run time; MOE_CPU_ISA=base
+forces the baseline; both give bitwise identical results); MOE_NO_THP_HINT=1 turns off the
+transparent-huge-page hint on large fresh outputs. See moe/csrc/ and benchmarks/dispatch.py.
 """
 from __future__ import annotations
 
@@ -100,12 +121,8 @@ def unpermute_reference(y: torch.Tensor, index: RoutingIndex, gate_weights: torc
 
 
 def extension_available() -> bool:
-    """True when the compiled dispatch extension is importable."""
-    try:
-        import moe._C  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when the compiled dispatch extension is importable (imports it, lazily, on first call)."""
+    return bool(_extension_devices())
 
 
 def dispatch_backend(requested: str = "auto") -> str:
@@ -118,20 +135,150 @@ def dispatch_backend(requested: str = "auto") -> str:
     if requested == "extension":
         if not extension_available():
             raise RuntimeError("model.moe.dispatch=extension but the compiled extension moe._C is not "
-                               "built; reinstall with `make install` or use dispatch=reference")
+                               f"built ({_EXT_ERROR!r}); reinstall with `make install` or use dispatch=reference")
         return "extension"
     return "extension" if extension_available() else "reference"
 
 
 def build_routing_index(expert_indices: torch.Tensor, num_experts: int, capacity: Optional[int] = None,
                         priority: Optional[torch.Tensor] = None, backend: str = "reference") -> RoutingIndex:
+    if _use_extension(backend, expert_indices):
+        if priority is not None:
+            priority = priority.detach()
+        tokens_per_expert, dest_rows, source_tokens = torch.ops.moe.routing_index(
+            expert_indices, num_experts, capacity, priority)
+        num_rows = source_tokens.shape[0]
+        return RoutingIndex(tokens_per_expert=tokens_per_expert, dest_rows=dest_rows, source_tokens=source_tokens,
+                            num_rows=num_rows, num_dropped=expert_indices.numel() - num_rows)
     return build_routing_index_reference(expert_indices, num_experts, capacity, priority)
 
 
 def permute(x: torch.Tensor, index: RoutingIndex, backend: str = "reference") -> torch.Tensor:
+    if _use_extension(backend, x):
+        return torch.ops.moe.permute(x, index.dest_rows, index.num_rows)
     return permute_reference(x, index)
 
 
 def unpermute(y: torch.Tensor, index: RoutingIndex, gate_weights: torch.Tensor,
               backend: str = "reference") -> torch.Tensor:
+    if _use_extension(backend, y):
+        return torch.ops.moe.unpermute(y, index.dest_rows, gate_weights)
     return unpermute_reference(y, index, gate_weights)
+
+
+# ------------------------------------------------------------------------- compiled backend (moe._C)
+
+_EXT = None  # the imported moe._C once its Python-side kernels are registered
+_EXT_ERROR: Optional[BaseException] = None
+_WARNED_DEVICES: set = set()
+
+
+def _load_extension():
+    """Import moe._C (which registers torch.ops.moe.*) and register the fake kernels and autograd
+    formulas, once. Raises ImportError (with the original error as cause) when it is not built."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None:
+        return _EXT
+    if _EXT_ERROR is not None:
+        raise ImportError(f"moe._C is not available: {_EXT_ERROR!r}") from _EXT_ERROR
+    try:
+        import moe._C as ext
+
+        _register_python_kernels(ext)
+    except Exception as e:  # not built, ABI mismatch, ...
+        _EXT_ERROR = e
+        raise ImportError(f"moe._C is not available: {e!r}") from e
+    _EXT = ext
+    return ext
+
+
+@torch.compiler.assume_constant_result
+def _extension_devices() -> str:
+    """Loads moe._C (once) and returns the device types it has kernels for ("cpu,meta" or
+    "cpu,meta,cuda"), or "" when it cannot be loaded. torch.compile calls this at trace time and
+    bakes the answer into the graph, so even a first use inside a compiled region works."""
+    try:
+        ext = _load_extension()
+    except ImportError:
+        return ""
+    return "cpu,meta,cuda" if ext.cuda_compiled() else "cpu,meta"
+
+
+def _use_extension(backend: str, t: torch.Tensor) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        if dispatch_backend("auto") == "reference":
+            return False
+    elif backend != "extension":
+        raise ValueError(f"dispatch backend must be 'reference', 'extension' or 'auto', got {backend!r}")
+    devices = _extension_devices()
+    if not devices:
+        raise RuntimeError("dispatch backend 'extension' requested but the compiled extension moe._C is not "
+                           f"built ({_EXT_ERROR!r}); reinstall with `make install` or use dispatch=reference")
+    dev = t.device.type
+    if dev in devices.split(","):
+        return True
+    if dev not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(dev)
+        import warnings
+
+        warnings.warn(f"moe._C has no {dev} kernels (it has: {devices}); token dispatch on {dev} uses the "
+                      "PyTorch reference", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _register_python_kernels(ext) -> None:
+    """Fake kernels (shape propagation for torch.compile / meta tensors) and autograd of the ops."""
+    if getattr(ext, "_moe_python_kernels", False):  # survives importlib.reload(moe.ops)
+        return
+    lib = torch.library
+
+    @lib.register_fake("moe::routing_index")
+    def _routing_index_fake(expert_indices, num_experts, capacity=None, priority=None):
+        T, k = expert_indices.shape
+        n = T * k
+        if capacity is None or capacity >= n:
+            rows = n  # nothing can be dropped: static size
+        else:
+            rows = lib.get_ctx().new_dynamic_size(min=0, max=min(n, num_experts * capacity))
+        long = dict(dtype=torch.long, device=expert_indices.device)
+        return (torch.empty(num_experts, **long), torch.empty(T, k, **long), torch.empty(rows, **long))
+
+    @lib.register_fake("moe::permute")
+    def _permute_fake(x, dest_rows, num_rows):
+        torch._check(x.shape[0] == dest_rows.shape[0])
+        return x.new_empty((num_rows, *x.shape[1:]))
+
+    @lib.register_fake("moe::unpermute")
+    def _unpermute_fake(y, dest_rows, gate_weights):
+        return y.new_empty((dest_rows.shape[0], *y.shape[1:]))
+
+    @lib.register_fake("moe::unpermute_backward")
+    def _unpermute_backward_fake(grad_out, y, dest_rows, gate_weights):
+        return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(
+            gate_weights, memory_format=torch.contiguous_format)
+
+    def _permute_setup(ctx, inputs, output):
+        _, dest_rows, _ = inputs
+        ctx.save_for_backward(dest_rows)
+
+    def _permute_backward(ctx, grad):
+        (dest_rows,) = ctx.saved_tensors
+        return torch.ops.moe.unpermute(grad, dest_rows, None), None, None
+
+    def _unpermute_setup(ctx, inputs, output):
+        y, dest_rows, gate_weights = inputs
+        ctx.num_rows = y.shape[0]
+        ctx.save_for_backward(y if gate_weights is not None else None, dest_rows, gate_weights)
+
+    def _unpermute_backward(ctx, grad):
+        y, dest_rows, gate_weights = ctx.saved_tensors
+        if gate_weights is None:
+            return torch.ops.moe.permute(grad, dest_rows, ctx.num_rows), None, None
+        grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, dest_rows, gate_weights)
+        return grad_y, None, grad_w
+
+    lib.register_autograd("moe::permute", _permute_backward, setup_context=_permute_setup)
+    lib.register_autograd("moe::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
+    ext._moe_python_kernels = True

@@ -1,0 +1,76 @@
+// Token-dispatch ops of moe._C: declarations shared by the CPU kernels, the op registration and the
+// CUDA binding. The semantics are those of the PyTorch reference in moe/ops.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace moe {
+
+// (tokens_per_expert [E], dest_rows [T, k], source_tokens [rows]), all int64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_index_cpu(
+    const at::Tensor& expert_indices, int64_t num_experts, std::optional<int64_t> capacity,
+    const std::optional<at::Tensor>& priority);
+
+// out[dest_rows[t, j]] = x[t] for every kept (t, j); out has num_rows rows.
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& dest_rows, int64_t num_rows);
+
+// out[t] = sum_j w[t, j] * y[dest_rows[t, j]] over kept slots (w = 1 when gate_weights is None).
+at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& dest_rows,
+                         const std::optional<at::Tensor>& gate_weights);
+
+// (grad_y, grad_w): grad_y[dest[t, j]] = w[t, j] * grad_out[t];
+// grad_w[t, j] = <grad_out[t], y[dest[t, j]]> (0 for dropped slots), in gate_weights' dtype.
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y,
+                                                          const at::Tensor& dest_rows,
+                                                          const at::Tensor& gate_weights);
+
+// ---- CPU row kernels, one set per instruction set (dispatch_cpu_kernels.h)
+struct CpuRowKernels {
+  const char* isa;
+  void (*gather_sum)(at::ScalarType dtype, const void* y, int64_t y_stride, const int64_t* dest, const void* w,
+                     int64_t T, int64_t k, int64_t d, void* out);
+  void (*unpermute_bwd)(at::ScalarType dtype, const void* g, int64_t g_stride, const void* y, int64_t y_stride,
+                        const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, void* grad_y,
+                        void* grad_w);
+  void (*permute)(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
+                  int64_t row_bytes, char* out);
+};
+// AVX2 + F16C build (dispatch_cpu_avx2.cpp), or nullptr when it could not be compiled.
+const CpuRowKernels* avx2_row_kernels();
+// The kernels in use: AVX2 when this CPU has it (MOE_CPU_ISA=base in the environment forces the
+// baseline); set_cpu_isa("base" | "avx2") switches at run time (tests), false if unavailable.
+const CpuRowKernels& cpu_row_kernels();
+bool set_cpu_isa(const std::string& isa);
+
+// ---- helpers shared by the CPU and CUDA bindings (defined in dispatch_cpu.cpp)
+
+// Checks dest_rows is [T, k] and returns it as contiguous int64.
+at::Tensor checked_dest_rows(const at::Tensor& dest_rows, const char* op);
+
+// A view of `t` whose rows (dim 0) each hold one contiguous block of row_numel elements, row i
+// starting at data_ptr + i * row_stride. Copies (contiguous()) only when a row is not contiguous.
+struct Rows {
+  at::Tensor tensor;
+  int64_t row_stride;  // elements
+  int64_t row_numel;
+};
+Rows as_rows(const at::Tensor& t);
+
+// Orderable key of a float priority: larger priority -> larger key; NaN is the largest (as in
+// torch.sort) and -0.0 == +0.0.
+// (Integer-only, so -ffast-math cannot fold the NaN / -0.0 cases; dispatch_kernels.cu has the same.)
+inline uint32_t priority_key(float f) {
+  uint32_t u;
+  static_assert(sizeof(u) == sizeof(f), "float is 32-bit");
+  __builtin_memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) return 0xffffffffu;  // NaN
+  if ((u << 1) == 0u) u = 0u;                                                             // -0.0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+}  // namespace moe

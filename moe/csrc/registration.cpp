@@ -1,0 +1,71 @@
+// Operator schemas (namespace `moe`), CPU kernels, and the `moe._C` Python module.
+//
+// The ops are registered with the dispatcher (TORCH_LIBRARY_FRAGMENT), so they are reachable as
+// torch.ops.moe.* once `moe._C` is imported; moe/ops.py adds the fake (meta) kernels and the
+// autograd formulas with torch.library.register_fake / register_autograd. The CUDA kernels are
+// registered by dispatch_cuda.cpp, which is only compiled when torch has CUDA.
+//
+//   routing_index(expert_indices [T,k] int, num_experts, capacity?, priority? [T,k])
+//       -> (tokens_per_expert [E], dest_rows [T,k], source_tokens [rows]) int64
+//   permute(x [T,...], dest_rows [T,k], num_rows) -> [num_rows, ...]
+//   unpermute(y [R,...], dest_rows [T,k], gate_weights? [T,k]) -> [T, ...]
+//   unpermute_backward(grad_out [T,...], y [R,...], dest_rows, gate_weights) -> (grad_y, grad_w)
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "dispatch.h"
+
+TORCH_LIBRARY_FRAGMENT(moe, m) {
+  m.def(
+      "routing_index(Tensor expert_indices, int num_experts, int? capacity=None, Tensor? priority=None) "
+      "-> (Tensor tokens_per_expert, Tensor dest_rows, Tensor source_tokens)");
+  m.def("permute(Tensor x, Tensor dest_rows, SymInt num_rows) -> Tensor");
+  m.def("unpermute(Tensor y, Tensor dest_rows, Tensor? gate_weights) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor dest_rows, Tensor gate_weights) "
+      "-> (Tensor grad_y, Tensor grad_gate_weights)");
+}
+
+TORCH_LIBRARY_IMPL(moe, CPU, m) {
+  m.impl("routing_index", &moe::routing_index_cpu);
+  m.impl("permute", &moe::permute_cpu);
+  m.impl("unpermute", &moe::unpermute_cpu);
+  m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
+}
+
+// ------------------------------------------------------------------------ Python module moe._C
+
+#ifndef MOE_WITH_CUDA
+#define MOE_WITH_CUDA 0
+#endif
+
+static PyObject* moe_cuda_compiled(PyObject*, PyObject*) {
+  if (MOE_WITH_CUDA) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+static PyObject* moe_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(moe::cpu_row_kernels().isa); }
+
+static PyObject* moe_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* isa = PyUnicode_AsUTF8(arg);
+  if (isa == nullptr) return nullptr;
+  if (moe::set_cpu_isa(isa)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+static PyMethodDef moe_methods[] = {
+    {"cuda_compiled", moe_cuda_compiled, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cpu_isa", moe_cpu_isa, METH_NOARGS, "Instruction set of the CPU row kernels in use: 'avx2' or 'base'."},
+    {"set_cpu_isa", moe_set_cpu_isa, METH_O,
+     "Use the 'base' or 'avx2' CPU row kernels (for tests); False when unavailable on this machine."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static struct PyModuleDef moe_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Compiled token-dispatch ops; importing registers torch.ops.moe.* (see moe/ops.py).", -1, moe_methods,
+    nullptr, nullptr, nullptr, nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&moe_module); }
