@@ -226,7 +226,9 @@ def build_report(dirs: List[str], out_dir: str, wandb_summary: bool = False) -> 
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(rows, f, indent=2, default=str)
     if wandb_summary:
-        _log_to_wandb(groups, rows, out_dir)
+        sweep_names = [json.load(open(os.path.join(d, "sweep.json")))["name"] for d in dirs
+                       if os.path.isfile(os.path.join(d, "sweep.json"))]
+        _log_to_wandb(rows, out_dir, sweep_names[0] if sweep_names else os.path.basename(os.path.normpath(out_dir)))
     return text
 
 
@@ -253,11 +255,10 @@ def _plot_balance(groups, colors, path):
     rp._save(fig, path)
 
 
-def _log_to_wandb(groups: List[Group], rows: List[Dict[str, Any]], out_dir: str) -> None:
+def _log_to_wandb(rows: List[Dict[str, Any]], out_dir: str, group: str) -> None:
     """Log the table and plots to a summary run in the sweep's W&B group (offline unless WANDB_MODE)."""
     import wandb
 
-    group = os.path.basename(os.path.normpath(out_dir))
     run = wandb.init(project="moe", group=group, job_type="report", name=f"{group}-report", dir=out_dir,
                      mode=os.environ.get("WANDB_MODE", "offline"))
     cols = ["variant", "finished", "val_loss", "val_loss_std", "tokens_per_s", "load_max_over_mean"]

@@ -114,3 +114,26 @@ def test_report_rejects_non_run_folder(workdir):
     (workdir / "empty").mkdir()
     proc = run_moe(["report", str(workdir / "empty"), "--out", str(workdir / "rep")], cwd=workdir, check=False)
     assert proc.returncode != 0 and "empty" in proc.stderr
+
+
+def test_report_logs_a_wandb_summary_run_in_the_sweep_group(workdir, tmp_path, monkeypatch):
+    """The report's W&B summary run joins the sweep's group (read back from the offline run)."""
+    import glob
+
+    from moe.sweep_report import build_report
+    from tests.wandb_offline import records
+
+    sweep = workdir / "runs" / "mysweep"
+    run = sweep / "a=1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"name": "a=1", "status": "finished", "val_loss": 2.0}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "flops": 1.0, "loss/val": 2.0}) + "\n")
+    (sweep / "sweep.json").write_text(json.dumps({"name": "mysweep", "swept_keys": ["a"],
+                                                  "runs": [{"name": "a=1", "values": {"a": 1}, "status": "finished"}]}))
+    out = tmp_path / "rep"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    build_report([str(sweep)], str(out), wandb_summary=True)
+    files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert files
+    runs = [r.run for r in records(files[0]) if r.WhichOneof("record_type") == "run"]
+    assert runs[0].run_group == "mysweep" and runs[0].job_type == "report"
