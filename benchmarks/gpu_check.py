@@ -125,7 +125,7 @@ def short_training(device, dtype, steps):
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
     return {"first": losses[0], "last": losses[-1], "steps": steps}
 
