@@ -11,7 +11,9 @@ Implementations compared, all on the same inputs (dropless top-k routing, k dist
 - reference:  the pure-PyTorch reference in moe/ops.py;
 - copy:       the machine's copy bandwidth in the same run: a preallocated `dst.copy_(src)` of the size
               of the permuted buffer [T * k, d], counted as read + write (2 * size bytes), timed
-              right before every timed op run (best of all).
+              right before every timed op run (best of all). torch's copy uses ordinary stores (each
+              written line is read first); ours streams large outputs past the cache, so an op can
+              show more than 100% of it.
 
 Minimum bytes moved (fp32, 4 bytes per element; R = T * k kept rows; index and gate-weight traffic,
 under 1% here, is not counted). Each input element must be read once and each output element written
@@ -32,7 +34,9 @@ outputs in again (about 2 us per 4 KiB page on this VM: a 1 GiB output costs ~0.
 the copy itself). That is a property of the process allocator, not of the dispatch kernels, and
 affects every implementation. By default the benchmark therefore re-executes itself with
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<64 GiB>, so freed memory is
-reused (the steady state a training loop gets from jemalloc/tcmalloc or a caching allocator).
+reused (the steady state a training loop gets from jemalloc/tcmalloc or a caching allocator);
+free pages go back to the OS (malloc_trim) between measurements to bound the peak memory (~14 GiB
+for the full run).
 `--system-alloc` keeps the default allocator (the moe._C ops then ask for transparent huge pages
 on their large outputs, which makes first touch ~3x cheaper).
 """
@@ -142,10 +146,10 @@ def _bench_shape(T, d, E, k, reps, moe_utils):
         fn()
         return time.perf_counter() - t0
 
-    # copy bandwidth: a preallocated dst.copy_(src) of the permuted buffer's size ([R, d], y is the
-    # source), timed before every timed run of every op (the machine may be shared: all see the same
-    # conditions; best of all)
-    dst = torch.empty(R, d)
+    # copy bandwidth: a preallocated dst.copy_(src) of the permuted buffer's size [R, d] (own src, so no
+    # op leaves it in cache), timed before every timed run of every op (the machine may be shared:
+    # all see the same conditions; best of all)
+    src, dst = torch.randn(R, d, generator=g), torch.empty(R, d)
     dst.zero_()
     copy_t = []
 
@@ -162,7 +166,7 @@ def _bench_shape(T, d, E, k, reps, moe_utils):
                 if rnd == 0:
                     thunk()
                 else:
-                    copy_t.append(timed(lambda: dst.copy_(y)))
+                    copy_t.append(timed(lambda: dst.copy_(src)))
                     times[n].append(timed(thunk))
                 del thunk
         return times
@@ -191,7 +195,7 @@ def _bench_shape(T, d, E, k, reps, moe_utils):
         "reference": lambda: (lambda: ops.build_routing_index_reference(expert_indices, E))})
 
     copy_gbps = 2 * R * d * unit / min(copy_t) / 1e9
-    del dst
+    del src, dst
     rows = []
     for op in OPS:
         for n in impls:

@@ -18,8 +18,20 @@
 namespace moe {
 namespace MOE_CPU_ISA {
 
-constexpr int64_t kBlockBytes = 256;
-constexpr int64_t kMinStreams = 8;
+#ifndef MOE_CPU_BLOCK_BYTES  // tuning knobs (compile-time)
+#define MOE_CPU_BLOCK_BYTES 256
+#endif
+#ifndef MOE_CPU_MIN_STREAMS
+#define MOE_CPU_MIN_STREAMS 8
+#endif
+#ifndef MOE_CPU_PREFETCH
+#define MOE_CPU_PREFETCH 1
+#endif
+#ifndef MOE_CPU_STREAM_MIN_BYTES
+#define MOE_CPU_STREAM_MIN_BYTES (int64_t(16) << 20)
+#endif
+constexpr int64_t kBlockBytes = MOE_CPU_BLOCK_BYTES;
+constexpr int64_t kMinStreams = MOE_CPU_MIN_STREAMS;
 constexpr int64_t kMaxGroupTokens = 16;
 constexpr int kLanes = 16;  // partial sums of a dot product (fixed order -> deterministic)
 
@@ -107,7 +119,7 @@ inline void stream_fence(bool stream) {
   (void)stream;
 }
 
-inline bool use_streaming(int64_t out_bytes) { return out_bytes >= (int64_t(16) << 20); }
+inline bool use_streaming(int64_t out_bytes) { return out_bytes >= MOE_CPU_STREAM_MIN_BYTES; }
 
 inline int64_t group_tokens(int64_t k) {
   return std::min<int64_t>(kMaxGroupTokens, std::max<int64_t>(1, (kMinStreams + k - 1) / std::max<int64_t>(k, 1)));
@@ -144,6 +156,21 @@ struct Group {
   }
 };
 
+// Software prefetch (into L2) of block [c, c + m) of every row of the next group, issued while the
+// current group works on the same block: the random rows are then in flight one group ahead.
+template <typename scalar_t, typename acc_t>
+inline void prefetch_block(const Group<scalar_t, acc_t>& next, int64_t c, int64_t m) {
+#if defined(MOE_HAVE_SSE2) && MOE_CPU_PREFETCH
+  for (const scalar_t* r : next.rows) {
+    const char* p = reinterpret_cast<const char*>(r + c);
+    for (int64_t off = 0; off < m * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+      _mm_prefetch(p + off, _MM_HINT_T1);
+  }
+#else
+  (void)next, (void)c, (void)m;
+#endif
+}
+
 // ---- permute: out[dest[t, j]] = x[t], the token row read once, whole-row copies.
 inline void permute_rows(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
                          int64_t row_bytes, char* out) {
@@ -176,15 +203,19 @@ void gather_sum_t(const scalar_t* y, int64_t y_stride, const int64_t* dest, cons
   const bool stream = use_streaming(T * d * es);
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, G * (k + 1) * d * es));
   at::parallel_for(0, ngroups, grain, [&](int64_t gb, int64_t ge) {
-    Group<scalar_t, acc_t> grp;
+    Group<scalar_t, acc_t> grp, nxt;
     alignas(64) acc_t acc[B];
     alignas(64) acc_t conv[B];
     alignas(64) scalar_t tmp[B];
+    if (gb < ge) nxt.collect(y, y_stride, dest, w, k, gb * G, std::min(T, gb * G + G));
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t t0 = g * G, t1 = std::min(T, t0 + G);
-      grp.collect(y, y_stride, dest, w, k, t0, t1);
+      std::swap(grp, nxt);
+      if (g + 1 < ge) nxt.collect(y, y_stride, dest, w, k, t1, std::min(T, t1 + G));
+      else nxt.rows.clear();
       for (int64_t c = 0; c < d; c += B) {
         const int64_t m = std::min(B, d - c);
+        prefetch_block(nxt, c, m);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t nb = grp.begin[t - t0], ne = grp.begin[t - t0 + 1];
           scalar_t* o = out + t * d + c;
@@ -239,20 +270,24 @@ void unpermute_bwd_t(const scalar_t* g, int64_t g_stride, const scalar_t* y, int
   const bool stream = use_streaming(R * d * es);
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, G * (2 * k + 1) * d * es));
   at::parallel_for(0, ngroups, grain, [&](int64_t gb, int64_t ge) {
-    Group<scalar_t, acc_t> grp;
+    Group<scalar_t, acc_t> grp, nxt;
     std::vector<acc_t> part;
     alignas(64) acc_t gblk[B];
     alignas(64) acc_t conv[B];
     alignas(64) acc_t wg[B];
     alignas(64) scalar_t tmp[B];
+    if (gb < ge) nxt.collect(y, y_stride, dest, w, k, gb * G, std::min(T, gb * G + G));
     for (int64_t gi = gb; gi < ge; ++gi) {
       const int64_t t0 = gi * G, t1 = std::min(T, t0 + G);
-      grp.collect(y, y_stride, dest, w, k, t0, t1);
+      std::swap(grp, nxt);
+      if (gi + 1 < ge) nxt.collect(y, y_stride, dest, w, k, t1, std::min(T, t1 + G));
+      else nxt.rows.clear();
       const int64_t n = static_cast<int64_t>(grp.rows.size());
       part.assign(static_cast<size_t>(n * kLanes), acc_t(0));
       for (int64_t i = t0 * k; i < t1 * k; ++i) gw[i] = acc_t(0);
       for (int64_t c = 0; c < d; c += B) {
         const int64_t m = std::min(B, d - c);
+        prefetch_block(nxt, c, m);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t nb = grp.begin[t - t0], ne = grp.begin[t - t0 + 1];
           if (nb == ne) continue;
