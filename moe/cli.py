@@ -74,17 +74,23 @@ def cmd_eval(args) -> None:
     print(json.dumps(result, indent=2))
 
 
-def cmd_launch(args) -> None:
-    from moe.config import ConfigError
-    from moe.launch import LaunchError, LaunchOptions, launch
+def _launch_options(args, config: str, overrides, local: int = 0, array=None):
+    from moe.launch import LaunchOptions
 
-    opts = LaunchOptions(
-        config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        local=args.local, partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+    return LaunchOptions(
+        config=config, overrides=list(overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        local=local, partition=args.partition, account=args.account, qos=args.qos, time=args.time,
         constraint=args.constraint, exclusive=args.exclusive, mail_user=args.mail_user, mail_type=args.mail_type,
         cpus_per_task=args.cpus_per_task, mem=args.mem, job_name=args.job_name, cpu=True if args.cpu else None,
-        launcher=args.launcher, max_restarts=args.max_restarts, signal_s=args.signal_seconds, array=args.array,
+        launcher=args.launcher, max_restarts=args.max_restarts, signal_s=args.signal_seconds, array=array,
         env=args.env, sbatch_args=args.sbatch_arg, dry_run=args.dry_run, wait=args.wait)
+
+
+def cmd_launch(args) -> None:
+    from moe.config import ConfigError
+    from moe.launch import LaunchError, launch
+
+    opts = _launch_options(args, args.config, args.overrides, local=args.local, array=args.array)
     try:
         code = launch(opts, sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "launch" else [])
     except (ConfigError, LaunchError) as exc:
@@ -130,7 +136,9 @@ def cmd_sweep(args) -> None:
     from moe.sweep import load_sweep, run_local, wandb_sweep_config
 
     try:
-        sweep = load_sweep(args.sweep, runs_root=args.root)
+        # every run is validated for the world it will train in before anything starts
+        sweep = load_sweep(args.sweep, runs_root=args.root,
+                           world_size=args.nodes * args.gpus_per_node if args.slurm else 1)
     except ConfigError as exc:
         _die(str(exc))
     if args.export_wandb:
@@ -142,17 +150,45 @@ def cmd_sweep(args) -> None:
         print(f"wrote {out}; start it with: wandb sweep {out} && wandb agent <sweep id>")
         return
     print(f"[sweep] {sweep.name}: {len(sweep.runs)} runs under {sweep.root}")
+    if args.parallel < 0:
+        _die(f"--parallel must be >= 1, got {args.parallel}")
+    if args.slurm:
+        _sweep_slurm(args, sweep)
+        return
+    given = [f"--{a.dest.replace('_', '-')}" for a in SLURM_OPTIONS if getattr(args, a.dest) != a.default]
+    if given:
+        _die(f"{', '.join(given)}: Slurm job option(s) without --slurm; add --slurm to submit the sweep as a job array")
     if args.dry_run:
         for run in sweep.runs:
             print(f"  {run.name}: moe train {sweep.base} {' '.join(run.args)}")
         return
-    results = run_local(sweep, parallel=args.parallel, threads=args.threads)
+    results = run_local(sweep, parallel=args.parallel or 1, threads=args.threads)
     failed = [n for n, r in results.items() if r["status"] == "failed"]
     print(f"[sweep] {len(results) - len(failed)} finished, {len(failed)} failed"
           + (f": {', '.join(failed)}" if failed else ""))
     print(f"[sweep] report: moe report {sweep.root} --out {sweep.root}/report")
     if failed:
         sys.exit(1)
+
+
+def _sweep_slurm(args, sweep) -> None:
+    from moe.config import ConfigError
+    from moe.launch import LaunchError
+    from moe.sweep import submit_slurm
+
+    opts = _launch_options(args, sweep.base, sweep.common)
+    argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "sweep" else [args.sweep, "--slurm"]
+    try:
+        results = submit_slurm(sweep, opts, ["moe", "sweep", *argv], throttle=args.parallel or None)
+    except (ConfigError, LaunchError) as exc:
+        _die(str(exc))
+    if args.wait:
+        failed = [n for n, r in results.items() if r["status"] == "failed"]
+        print(f"[sweep] {len(results) - len(failed)} finished, {len(failed)} failed"
+              + (f": {', '.join(failed)}" if failed else ""))
+        print(f"[sweep] report: moe report {sweep.root} --out {sweep.root}/report")
+        if failed:
+            sys.exit(1)
 
 
 def _has_variants(path: str) -> bool:
@@ -248,6 +284,35 @@ def cmd_info(args) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+SLURM_OPTIONS: List[argparse.Action] = []
+
+
+def _add_slurm_options(p) -> None:
+    """The job options shared by `moe launch` and `moe sweep --slurm`."""
+    first = len(p._actions)
+    p.add_argument("--nodes", type=int, default=1, help="nodes to allocate per run (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1,
+                   help="processes per node: one per GPU on GPU nodes; on CPU-only nodes (the partition has no "
+                        "GPU GRES, or --cpu) the number of CPU processes per node, and no GPU is requested")
+    p.add_argument("--cpu", action="store_true", help="the nodes have no GPU: request none")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                   help="torchrun (c10d rendezvous, restarts) or the deepspeed launcher with a hostfile")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts of failed workers; each restart resumes from the latest checkpoint")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="USR2 this many seconds before the time limit: checkpoint, requeue, exit (default 120)")
+    for flag in ("partition", "account", "qos", "time", "constraint", "mem", "mail-user", "mail-type", "job-name"):
+        p.add_argument(f"--{flag}", help=f"sbatch --{flag}")
+    p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="export this in the job script (not for secrets: those are inherited at run time)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra #SBATCH line, e.g. --sbatch-arg=--reservation=foo")
+    p.add_argument("--wait", action="store_true", help="wait for the job (and its requeues) to end")
+    SLURM_OPTIONS[:] = p._actions[first:]
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `moe launch --local N` must not read as an abbreviation of --local_rank
     p = argparse.ArgumentParser(prog="moe", description="Train and compare dense and MoE GPT models.",
@@ -294,31 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "limit) it checkpoints, requeues itself and exits. Secrets stay in the environment.")
     la.add_argument("config", help="YAML file, e.g. experiments/base_small.yaml")
     la.add_argument("overrides", nargs="*", help="dotted overrides; with --array, {task} is the array task id")
-    la.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
-    la.add_argument("--gpus-per-node", type=int, default=1,
-                    help="processes per node: one per GPU on GPU nodes; on CPU-only nodes (the partition has no "
-                         "GPU GRES, or --cpu) the number of CPU processes per node, and no GPU is requested")
-    la.add_argument("--cpu", action="store_true", help="the nodes have no GPU: request none")
+    _add_slurm_options(la)
     la.add_argument("--local", type=int, default=0, metavar="N",
                     help="no Slurm: run here with torchrun --standalone and N processes, in the foreground")
-    la.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
-                    help="torchrun (c10d rendezvous, restarts) or the deepspeed launcher with a hostfile")
-    la.add_argument("--max-restarts", type=int, default=0,
-                    help="torchrun restarts of failed workers; each restart resumes from the latest checkpoint")
-    la.add_argument("--signal-seconds", type=int, default=120,
-                    help="USR2 this many seconds before the time limit: checkpoint, requeue, exit (default 120)")
     la.add_argument("--array", metavar="SPEC", help="job array in Slurm's syntax (0-7, 0-7%%2, 1,3,5): one run per "
                                                     "task, named <name>_<id>")
-    for flag in ("partition", "account", "qos", "time", "constraint", "mem", "mail-user", "mail-type", "job-name"):
-        la.add_argument(f"--{flag}", help=f"sbatch --{flag}")
-    la.add_argument("--exclusive", action="store_true", help="sbatch --exclusive")
-    la.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
-    la.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                    help="export this in the job script (not for secrets: those are inherited at run time)")
-    la.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                    help="extra #SBATCH line, e.g. --sbatch-arg=--reservation=foo")
     la.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
-    la.add_argument("--wait", action="store_true", help="wait for the job (and its requeues) to end")
     la.set_defaults(func=cmd_launch)
 
     m = sub.add_parser("match", help="derive the dense config matched to an MoE config on active or total params")
@@ -328,13 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="write the YAML here (default: stdout)")
     m.set_defaults(func=cmd_match)
 
-    s = sub.add_parser("sweep", help="run a sweep file (grid/variants/seeds) locally")
-    s.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/router_topk.yaml")
-    s.add_argument("--parallel", type=int, default=1, help="runs at a time on this machine")
-    s.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / parallel)")
+    s = sub.add_parser(
+        "sweep", help="run a sweep file (grid/variants/seeds) here, or submit it as one Slurm job array",
+        description="Run every run of the sweep that is not finished: on this machine (--parallel at a time), or "
+                    "with --slurm as one Slurm job array through `moe launch` (task i trains run i; the job options "
+                    "below apply to every run). Finished runs, and runs an earlier array still has queued or "
+                    "running, are skipped; unfinished ones resume from their latest checkpoint.")
+    s.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/topk.yaml")
+    s.add_argument("--parallel", type=int, default=0,
+                   help="runs at a time: on this machine (default 1), or with --slurm the array's %%N throttle "
+                        "(default: no limit)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads per local run (default: cores / parallel)")
     s.add_argument("--root", default="runs", help="parent folder of the sweep folder")
-    s.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the runs and their commands (with --slurm: print the array job script); run nothing")
     s.add_argument("--export-wandb", metavar="OUT", default=None, help="write a W&B sweep config instead")
+    s.add_argument("--slurm", action="store_true", help="submit the runs as one Slurm job array (options below)")
+    _add_slurm_options(s.add_argument_group("Slurm job options (with --slurm)"))
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="group sweep runs by swept values, average seeds, plot and tabulate")

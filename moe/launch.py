@@ -217,25 +217,33 @@ def check_options(opts: LaunchOptions) -> None:
 def resolve_tasks(opts: LaunchOptions) -> List[Task]:
     """The validated config of every run the job trains. With --array, `{task}` in an override is
     replaced by the array task id, and each task gets its own run folder `<name>_<id>`."""
-    world = world_size(opts)
     if not opts.array:
-        cfgs = [(None, load_config(opts.config, opts.overrides))]
-    else:
-        ids, _ = parse_array_spec(opts.array)
-        cfgs = []
-        for i in ids:
-            cfg = load_config(opts.config, [o.replace("{task}", str(i)) for o in opts.overrides])
-            cfg.run.name = f"{cfg.run.name}_{i}"
-            cfgs.append((i, cfg))
+        return check_tasks(opts, [(None, load_config(opts.config, opts.overrides))])
+    ids, _ = parse_array_spec(opts.array)
+    cfgs = []
+    for i in ids:
+        cfg = load_config(opts.config, [o.replace("{task}", str(i)) for o in opts.overrides])
+        cfg.run.name = f"{cfg.run.name}_{i}"
+        cfgs.append((i, cfg))
+    return check_tasks(opts, cfgs)
+
+
+def check_tasks(opts: LaunchOptions, cfgs: Sequence[Tuple[Optional[int], Config]]) -> List[Task]:
+    """Tasks from (array task id, config) pairs, each validated for the job's world size and checked
+    against what its run folder already holds; two tasks may not share a run folder."""
+    world = world_size(opts)
     tasks = []
     for task_id, cfg in cfgs:
         ep = cfg.parallel.ep_size
+        where = f"--local {opts.local}" if opts.local else f"--nodes {opts.nodes} x --gpus-per-node {opts.gpus_per_node}"
+        run = f"run {cfg.run.name}: " if task_id is not None else ""
         if ep >= 1 and world % ep:
-            where = f"--local {opts.local}" if opts.local else \
-                f"--nodes {opts.nodes} x --gpus-per-node {opts.gpus_per_node}"
-            raise ConfigError(f"parallel.ep_size ({ep}) must divide the world size {world} ({where})")
-        validate(cfg, world)
-        _check_run_dir(cfg)
+            raise ConfigError(f"{run}parallel.ep_size ({ep}) must divide the world size {world} ({where})")
+        try:
+            validate(cfg, world)
+            _check_run_dir(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{run}{exc}") from None
         tasks.append(Task(cfg, task_id))
     names = [t.cfg.run.name for t in tasks]
     if len(set(names)) != len(names):
@@ -411,10 +419,32 @@ def sbatch(script_path: str) -> str:
     if not _have("sbatch"):
         raise LaunchError("sbatch not found: this machine is not a Slurm login node (try --local N, or "
                           "launch/local_cluster.sh up for a local test cluster)")
-    proc = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True)
+    from moe.metrics import training_env
+
+    # the job inherits this environment (sbatch --export=ALL)
+    proc = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, env=training_env())
     if proc.returncode != 0:
         raise LaunchError("sbatch failed:\n" + (proc.stderr.strip() or proc.stdout.strip()))
     return proc.stdout.strip().split(";")[0]
+
+
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING")
+
+
+def active_array_tasks(job_id: str) -> Dict[int, str]:
+    """{array task id: state} of the tasks of array job `job_id` that are still queued or running
+    (squeue lists only those); empty when the job has ended or Slurm cannot be asked."""
+    if not _have("squeue"):
+        return {}
+    proc = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%K %T"], capture_output=True, text=True,
+                          timeout=60)
+    out = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        task, _, state = line.strip().partition(" ")
+        if task.isdigit() and state in ACTIVE_STATES:
+            out[int(task)] = state
+    return out
 
 
 def job_states(job_id: str) -> Dict[str, Tuple[str, str]]:
@@ -430,8 +460,7 @@ def job_states(job_id: str) -> Dict[str, Tuple[str, str]]:
 
 def wait_for_job(job_id: str, poll_s: float = 2.0) -> bool:
     """Block until the job (and a requeued job's next starts) has ended; True if it completed."""
-    active = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-              "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING")
+    active = ACTIVE_STATES
     last = None
     while True:
         states = job_states(job_id)
@@ -463,13 +492,24 @@ def launch(opts: LaunchOptions, argv: Sequence[str] = ()) -> int:
     else:  # the array job's own folder holds its script and job logs, next to the task folders
         first = tasks[0]
         job_dir = os.path.join(first.cfg.run.root, first.cfg.run.name[:-len(f"_{first.task_id}")])
+    job_id = submit(opts, tasks, job_dir, command, stamp)
+    if job_id is None or not opts.wait:
+        return 0
+    return 0 if wait_and_summarise(job_id, tasks) else 1
+
+
+def submit(opts: LaunchOptions, tasks: List[Task], job_dir: str, command: Sequence[str],
+           stamp: Optional[str] = None) -> Optional[str]:
+    """Write the run folders and `job_dir/submit.sbatch` for checked tasks (one job, or one array
+    task each when `opts.array` is set) and sbatch it; returns the job id, None on a dry run."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
     script_path = os.path.join(job_dir, "submit.sbatch")
     script = render_sbatch(opts, tasks, script_path, job_dir, command)
     if opts.dry_run:
         print(redact(script), end="")
         print(f"# dry run: nothing written, nothing submitted; the job would train "
               f"{', '.join(t.config_path for t in tasks)}", file=sys.stderr)
-        return 0
+        return None
 
     _prepare_run_dirs(tasks)
     os.makedirs(os.path.join(job_dir, "logs"), exist_ok=True)
@@ -477,29 +517,36 @@ def launch(opts: LaunchOptions, argv: Sequence[str] = ()) -> int:
     for t in tasks:
         write_code_snapshot(t.run_dir, stamp)
     job_id = sbatch(script_path)
-    _record_launch(job_dir, {"job_id": job_id, "time": stamp, "command": command, "script": script_path,
+    _record_launch(job_dir, {"job_id": job_id, "time": stamp, "command": list(command), "script": script_path,
                              "configs": [t.config_path for t in tasks], "options": asdict(opts)})
     logs = os.path.join(job_dir, "logs")
     out = f"slurm-{job_id}_<task>.out" if opts.array else f"slurm-{job_id}.out"
     print(f"submitted job {job_id}: {opts.nodes} node(s) x {opts.gpus_per_node} process(es), "
           f"{len(tasks)} run(s)")
     print(f"  script:     {script_path}  (resubmit with: sbatch {script_path})")
-    print(f"  config:     {', '.join(t.config_path for t in tasks)}")
+    run_dirs = [t.run_dir for t in tasks]
+    if len(tasks) > 1 and len({os.path.dirname(d) for d in run_dirs}) == 1:
+        print(f"  runs:       {', '.join(os.path.basename(d) for d in run_dirs)}")
+        run_dirs = [os.path.join(os.path.dirname(run_dirs[0]), "<run>")]
+    print(f"  config:     {', '.join(os.path.join(d, 'config.yaml') for d in run_dirs)}")
     print(f"  job log:    {os.path.join(logs, out)}")
     job = "<task's job id>" if opts.array else job_id
-    print(f"  rank logs:  {', '.join(os.path.join(t.run_dir, 'logs', job, 'restart_<n>') for t in tasks)}")
-    print(f"  metrics:    {', '.join(os.path.join(t.run_dir, 'metrics.jsonl') for t in tasks)}")
+    print(f"  rank logs:  {', '.join(os.path.join(d, 'logs', job, 'restart_<n>') for d in run_dirs)}")
+    print(f"  metrics:    {', '.join(os.path.join(d, 'metrics.jsonl') for d in run_dirs)}")
     sys.stdout.flush()
-    if opts.wait:
-        ok = wait_for_job(job_id)
-        for t in tasks:
-            summary = os.path.join(t.run_dir, "summary.json")
-            if os.path.isfile(summary):
-                s = json.load(open(summary))
-                print(f"[moe launch] {t.cfg.run.name}: {s.get('status')}, step {s.get('steps')}, "
-                      f"train loss {s.get('train_loss')}, val loss {s.get('val_loss')}")
-        return 0 if ok else 1
-    return 0
+    return job_id
+
+
+def wait_and_summarise(job_id: str, tasks: List[Task]) -> bool:
+    """Wait for the job to end and print each run's final state; True if every task completed."""
+    ok = wait_for_job(job_id)
+    for t in tasks:
+        summary = os.path.join(t.run_dir, "summary.json")
+        if os.path.isfile(summary):
+            s = json.load(open(summary))
+            print(f"[moe launch] {t.cfg.run.name}: {s.get('status')}, step {s.get('steps')}, "
+                  f"train loss {s.get('train_loss')}, val loss {s.get('val_loss')}")
+    return ok
 
 
 def _launch_local(opts: LaunchOptions, task: Task, command: Sequence[str], stamp: str) -> int:
@@ -525,7 +572,9 @@ def _launch_local(opts: LaunchOptions, task: Task, command: Sequence[str], stamp
                                   "configs": [task.config_path], "options": asdict(opts)})
     print(f"[moe launch] local: {opts.local} process(es) on this machine, config {task.config_path}, "
           f"rank logs {log_dir}", flush=True)
-    env = dict(os.environ, **dict(e.split("=", 1) for e in opts.env))
+    from moe.metrics import training_env
+
+    env = training_env(dict(e.split("=", 1) for e in opts.env))
     env.pop("SLURM_JOB_ID", None)  # inside an allocation too, a stop signal must not requeue it
     # torchrun ignores USR2 (its default action would kill it); the trainers install their handler
     proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))

@@ -155,8 +155,22 @@ class LoadHeatmap:
         return image
 
 
+def training_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment for a training process started from this one (`moe sweep`, `moe launch`):
+    without WANDB_SERVICE, which wandb sets when this process has used W&B itself and which would
+    make the child log through this process's W&B service instead of its own (its run files then
+    go missing once this process exits)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(extra or {})
+    return env
+
+
 def wandb_mode(configured: str) -> str:
     return os.environ.get("WANDB_MODE", configured)
+
+
+FLOPS_AXIS = "loss_vs_flops"
+"""W&B key prefix of the losses plotted against training FLOPs (`loss/val` -> `loss_vs_flops/val`)."""
 
 
 class MetricLogger:
@@ -183,10 +197,14 @@ class MetricLogger:
                 job_type=wc.job_type, config=config_dict, dir=run_dir, mode=mode, id=self.wandb_id,
                 resume="allow",
             )
+            # Two x axes: every metric is plotted against tokens (equal data), and the losses again,
+            # under loss_vs_flops/, against training FLOPs (equal compute): a W&B metric has one
+            # step_metric, so the equal-compute view needs its own keys.
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("flops")
             for key in ("loss/*", "ppl/*", "speed/*", "router/*", "lr", "grad_norm"):
                 self.wandb.define_metric(key, step_metric="tokens")
+            self.wandb.define_metric(f"{FLOPS_AXIS}/*", step_metric="flops")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines written after the checkpoint we resume from (they will be redone)."""
@@ -212,6 +230,8 @@ class MetricLogger:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            scalars.update({f"{FLOPS_AXIS}/{k[len('loss/'):]}": v for k, v in scalars.items()
+                            if k.startswith("loss/")})
             self.heatmap.add(record)
             if "loss/val" in record and len(self.heatmap):  # bounded cost: one image per evaluation
                 import wandb

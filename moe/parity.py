@@ -281,7 +281,9 @@ def run_layouts(config: str, overrides: List[str], layouts: List[str], steps: in
             args += ["--dump", dump_dir]
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
                                   if n > 1 else []) + args
-        run_env = dict(os.environ, WANDB_MODE="disabled")
+        from moe.metrics import training_env
+
+        run_env = training_env({"WANDB_MODE": "disabled"})
         run_env.setdefault("OMP_NUM_THREADS", "1")
         run_env.update(env or {})
         print(f"[parity] {spec} ({n} process{'es' if n > 1 else ''})", flush=True)

@@ -18,6 +18,11 @@ exist or a bad value fails at once, naming the key and the run. Run names are de
 (`top_k=1,aux_loss_coef=0.0,seed=0`), so a rerun skips finished runs and resumes unfinished ones
 (each run resumes from its own latest checkpoint). A failed run is recorded in sweep.json with its
 log and never stops the others.
+
+`moe sweep SWEEP.yaml --slurm [launch options]` submits the runs that are not finished as one Slurm
+job array through `moe launch` (task i trains run i of the sweep, so the ids are stable across
+reruns); the array's script and job logs live in the sweep folder, and sweep.json records each run's
+job and task id. A rerun skips finished runs and runs still queued or running in an earlier array.
 """
 from __future__ import annotations
 
@@ -165,22 +170,60 @@ def write_manifest(sweep: Sweep, results: Dict[str, Dict[str, Any]]) -> str:
     return path
 
 
-def run_local(sweep: Sweep, parallel: int = 1, threads: int = 0, extra_env: Optional[Dict[str, str]] = None,
-              log=print) -> Dict[str, Dict[str, Any]]:
-    """Run the sweep's runs on this machine, `parallel` at a time; returns per-run results."""
+def read_manifest(sweep: Sweep) -> Dict[str, Dict[str, Any]]:
+    """{run name: its entry} from an earlier sweep.json of this sweep (empty if none)."""
+    path = os.path.join(sweep.root, "sweep.json")
+    try:
+        with open(path) as f:
+            return {r["name"]: r for r in json.load(f).get("runs", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _still_in_slurm(entries: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """{run name: 'STATE in job J'} for runs an earlier `--slurm` submission still has queued or running."""
+    from moe.launch import active_array_tasks
+
+    jobs = {e["job_id"] for e in entries.values() if e.get("job_id") and e.get("status") == "submitted"}
+    active = {job: active_array_tasks(job) for job in jobs}
+    out = {}
+    for name, e in entries.items():
+        state = active.get(e.get("job_id"), {}).get(e.get("task_id"))
+        if e.get("status") == "submitted" and state:
+            out[name] = f"{state.lower()} in Slurm job {e['job_id']}_{e['task_id']}"
+    return out
+
+
+def pending_runs(sweep: Sweep, log=print) -> tuple:
+    """(runs to start, results so far): finished runs and runs an earlier Slurm array still has
+    queued or running are left out (and kept in the results), everything else is to run."""
     results: Dict[str, Dict[str, Any]] = {}
     pending: List[SweepRun] = []
+    previous = read_manifest(sweep)
+    in_slurm = _still_in_slurm(previous)
     for run in sweep.runs:
         status = run_status(os.path.join(sweep.root, run.name))
         if status == "finished":
             results[run.name] = {"status": "finished", "skipped": True}
             log(f"[sweep] {run.name}: finished earlier, skipped")
+        elif run.name in in_slurm:
+            results[run.name] = {k: v for k, v in previous[run.name].items() if k not in ("name", "values", "args")}
+            log(f"[sweep] {run.name}: {in_slurm[run.name]}, skipped")
         else:
             pending.append(run)
+    return pending, results
+
+
+def run_local(sweep: Sweep, parallel: int = 1, threads: int = 0, extra_env: Optional[Dict[str, str]] = None,
+              log=print) -> Dict[str, Dict[str, Any]]:
+    """Run the sweep's runs on this machine, `parallel` at a time; returns per-run results."""
+    pending, results = pending_runs(sweep, log)
     write_manifest(sweep, results)
     os.makedirs(sweep.root, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, parallel))
-    env = dict(os.environ, **(extra_env or {}))
+    from moe.metrics import training_env
+
+    env = training_env(extra_env)
     active: List[tuple] = []
     while pending or active:
         while pending and len(active) < parallel:
@@ -207,6 +250,49 @@ def run_local(sweep: Sweep, parallel: int = 1, threads: int = 0, extra_env: Opti
             write_manifest(sweep, results)
         active = still
     write_manifest(sweep, results)
+    return results
+
+
+def submit_slurm(sweep: Sweep, opts, command: List[str], throttle: Optional[int] = None,
+                 log=print) -> Dict[str, Dict[str, Any]]:
+    """Submit the sweep's pending runs as one Slurm job array (`opts`: moe.launch.LaunchOptions
+    without config/array); with opts.wait, wait for it and record each run's final status."""
+    from moe.launch import check_options, check_tasks, submit, wait_for_job
+
+    pending, results = pending_runs(sweep, log)
+    if not pending:
+        log(f"[sweep] nothing to submit: every run is finished or still in Slurm")
+        if not opts.dry_run:
+            write_manifest(sweep, results)
+        return results
+    index = {run.name: i for i, run in enumerate(sweep.runs)}
+    ids = [index[run.name] for run in pending]
+    opts.array = ",".join(map(str, ids)) + (f"%{throttle}" if throttle else "")
+    opts.job_name = opts.job_name or f"moe-sweep-{sweep.name}"
+    check_options(opts)
+    # progress bars only clutter job logs; threads come from the job's OMP_NUM_THREADS
+    cfgs = [(i, load_config(sweep.base, run.args + ["logging.progress=false"])) for i, run in zip(ids, pending)]
+    try:
+        tasks = check_tasks(opts, cfgs)
+    except ConfigError as exc:
+        raise ConfigError(f"{sweep.path}: {exc}") from None
+    job_id = submit(opts, tasks, sweep.root, command)
+    if job_id is None:  # dry run
+        return results
+    logs = os.path.join(sweep.root, "logs")
+    for i, run in zip(ids, pending):
+        results[run.name] = {"status": "submitted", "job_id": job_id, "task_id": i,
+                             "log": os.path.join(logs, f"slurm-{job_id}_{i}.out")}
+    write_manifest(sweep, results)
+    log(f"[sweep] submitted {len(pending)} run(s) as Slurm array job {job_id} (tasks {opts.array}); "
+        f"`moe sweep {sweep.path} --slurm ...` again skips finished and in-flight runs")
+    if opts.wait:
+        wait_for_job(job_id)
+        for i, run in zip(ids, pending):
+            ok = run_status(os.path.join(sweep.root, run.name)) == "finished"
+            results[run.name]["status"] = "finished" if ok else "failed"
+            log(f"[sweep] {run.name}: {results[run.name]['status']}")
+        write_manifest(sweep, results)
     return results
 
 

@@ -107,7 +107,7 @@ def summarise(group: Group) -> Dict[str, Any]:
         row[key] = vals[0] if vals else None
     row["load_max_over_mean"] = _mean_std([_last(r, "/max_over_mean") for r in recs])[0]
     row["dropped_frac"] = _mean_std([_last(r, "/dropped_frac") for r in recs])[0]
-    row["failed"] = [m.name for m in group.members if m.status != "finished"]
+    row["failed"] = [(m.name, m.status) for m in group.members if m.status != "finished"]
     return row
 
 
@@ -208,12 +208,13 @@ def build_report(dirs: List[str], out_dir: str, wandb_summary: bool = False) -> 
             rp._format(r["params_active"], "count"), rp._format(r["params_total"], "count"),
             rp._format(r["tokens"], "count"), rp._format(r["tokens_per_s"], "count"),
             _fmt(r["load_max_over_mean"], 2), _fmt(r["dropped_frac"], 3)]) + " |")
-    failed = [(r["variant"], n) for r in rows for n in r["failed"]]
+    failed = [(r["variant"], n, status) for r in rows for n, status in r["failed"]]
     lines += [""]
     if failed:
         lines += ["## Failed or unfinished runs", ""]
-        for variant, name in failed:
-            lines.append(f"- `{name}` ({variant}): see its log in the sweep folder")
+        for variant, name, status in failed:
+            lines.append(f"- `{name}` ({variant}): {status}; its log is in the sweep folder (`{name}.log`, or "
+                         f"`logs/slurm-<job>_<task>.out` for a Slurm array, job and task in sweep.json)")
         lines += [""]
     lines += ["Seeds are averaged per variant; ± is the sample standard deviation over seeds "
               "(0 with one seed). Load max/mean and dropped fraction are the last logged values, "

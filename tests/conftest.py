@@ -10,8 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_moe(args, cwd, env_extra=None, check=True, timeout=600):
     """Run the `moe` CLI in a fresh process (DeepSpeed's comm state is per process)."""
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE_TEST", "offline"), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
+    from moe.metrics import training_env
+
+    env = training_env({"WANDB_MODE": os.environ.get("WANDB_MODE_TEST", "offline"), "PYTHONUNBUFFERED": "1",
+                        "OMP_NUM_THREADS": "1"})
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "moe.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -35,3 +37,22 @@ def workdir(tmp_path):
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Fake Slurm commands on PATH: sinfo (partitions debug and big, no GPUs), sbatch (job 4242, or
+    fails with FAKE_SBATCH_ERROR; calls are appended to <bin>/sbatch.calls) and squeue (prints the
+    file <bin>/squeue.out if present: the tasks "still queued")."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/bash\ncase \"$*\" in *%P*) printf 'debug*\\nbig\\n' ;; "
+                                   "*%G*) echo '(null)' ;; esac\n")
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/bash\necho \"$@\" >> \"$(dirname \"$0\")/sbatch.calls\"\n"
+        "if [[ -n ${FAKE_SBATCH_ERROR:-} ]]; then echo \"$FAKE_SBATCH_ERROR\" >&2; exit 1; fi\necho 4242\n")
+    (bin_dir / "squeue").write_text("#!/bin/bash\ncat \"$(dirname \"$0\")/squeue.out\" 2>/dev/null || true\n")
+    for f in ("sinfo", "sbatch", "squeue"):
+        os.chmod(bin_dir / f, 0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir

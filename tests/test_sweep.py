@@ -70,6 +70,9 @@ def test_tiny_sweep_end_to_end_then_report_and_rerun(workdir, data_cache):
     assert wb["group"] == "tiny" and wb["job_type"] == "train"
     assert set(wb["tags"]) == {"top_k:2", "aux_loss_coef:0.01"}
     assert {"loss/train", "tokens", "flops", "router/layer0/max_over_mean"} <= wb["history_keys"]
+    # two x axes in the W&B UI: tokens (equal data) and, for the losses, training FLOPs (equal compute)
+    assert wb["step_metrics"]["loss/*"] == "tokens" and wb["step_metrics"]["router/*"] == "tokens"
+    assert wb["step_metrics"]["loss_vs_flops/*"] == "flops" and "loss_vs_flops/train" in wb["history_keys"]
 
     rep = run_moe(["report", str(root), "--out", str(workdir / "rep")], cwd=workdir)
     md = (workdir / "rep" / "report.md").read_text()
@@ -137,3 +140,83 @@ def test_report_logs_a_wandb_summary_run_in_the_sweep_group(workdir, tmp_path, m
     assert files
     runs = [r.run for r in records(files[0]) if r.WhichOneof("record_type") == "run"]
     assert runs[0].run_group == "mysweep" and runs[0].job_type == "report"
+
+
+# ------------------------------------------------------------------ moe sweep --slurm (fake Slurm commands)
+
+
+def sweep_cli(*args):
+    from moe.cli import main
+
+    main(["sweep", "experiments/sweeps/debug_grid.yaml", *args])
+
+
+def test_slurm_submits_one_array_of_the_unfinished_runs(workdir, monkeypatch, fake_slurm, capsys):
+    monkeypatch.chdir(workdir)
+    root = workdir / "runs" / "debug_grid"
+    done = root / "top_k=1,aux_loss_coef=0.0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "finished"}))
+
+    sweep_cli("--slurm", "--cpu", "--parallel", "2", "--partition", "big", "--time", "00:10:00")
+    calls = (fake_slurm / "sbatch.calls").read_text().splitlines()
+    assert calls == ["--parsable runs/debug_grid/submit.sbatch"]
+    script = (root / "submit.sbatch").read_text()
+    assert "#SBATCH --array=1,2,3%2" in script and "#SBATCH --partition=big" in script
+    assert "#SBATCH --job-name=moe-sweep-debug_grid" in script
+    assert "0) export" not in script
+    for i, name in ((1, "top_k=1,aux_loss_coef=0.01"), (2, "top_k=2,aux_loss_coef=0.0"), (3, "top_k=2,aux_loss_coef=0.01")):
+        assert f"    {i}) export MOE_RUN_DIR=runs/debug_grid/{name} MOE_CONFIG=runs/debug_grid/{name}/config.yaml" in script
+        cfg = (root / name / "config.yaml").read_text()
+        assert "group: debug_grid" in cfg and "progress: false" in cfg
+    runs = {r["name"]: r for r in json.loads((root / "sweep.json").read_text())["runs"]}
+    assert runs["top_k=1,aux_loss_coef=0.0"]["status"] == "finished"
+    assert [(r["status"], r["job_id"], r["task_id"]) for n, r in runs.items() if n != done.name] == \
+        [("submitted", "4242", 1), ("submitted", "4242", 2), ("submitted", "4242", 3)]
+    assert runs["top_k=2,aux_loss_coef=0.01"]["log"].endswith("logs/slurm-4242_3.out")
+
+    # a rerun leaves the runs Slurm still has queued or running alone: only task 3 is submitted again
+    (fake_slurm / "squeue.out").write_text("1 RUNNING\n2 PENDING\n")
+    capsys.readouterr()
+    sweep_cli("--slurm", "--cpu")
+    out = capsys.readouterr().out
+    assert "top_k=1,aux_loss_coef=0.01: running in Slurm job 4242_1, skipped" in out
+    assert "top_k=2,aux_loss_coef=0.0: pending in Slurm job 4242_2, skipped" in out
+    assert "#SBATCH --array=3\n" in (root / "submit.sbatch").read_text()
+    assert len((fake_slurm / "sbatch.calls").read_text().splitlines()) == 2
+
+    # and once nothing is left to run, nothing is submitted
+    for name in runs:
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "summary.json").write_text(json.dumps({"status": "finished"}))
+    sweep_cli("--slurm", "--cpu")
+    assert "nothing to submit" in capsys.readouterr().out
+    assert len((fake_slurm / "sbatch.calls").read_text().splitlines()) == 2
+
+
+def test_slurm_dry_run_writes_nothing(workdir, monkeypatch, fake_slurm, capsys):
+    monkeypatch.chdir(workdir)
+    sweep_cli("--slurm", "--cpu", "--dry-run")
+    assert "#SBATCH --array=0,1,2,3\n" in capsys.readouterr().out
+    assert not (workdir / "runs").exists() and not (fake_slurm / "sbatch.calls").exists()
+
+
+def test_slurm_sweep_bad_input(workdir, monkeypatch, fake_slurm, capsys):
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit):  # a job option without --slurm is a mistake, not ignored
+        sweep_cli("--nodes", "2", "--partition", "big")
+    assert "--nodes, --partition: Slurm job option(s) without --slurm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep_cli("--slurm", "--cpu", "--partition", "nosuch")
+    assert "unknown partition" in capsys.readouterr().err
+    # runs are validated for the job's world size: expert parallelism over 2 processes needs 2
+    write(workdir / "ep.yaml", "name: ep\nbase: experiments/debug_moe.yaml\noverrides: [parallel.ep_size=2]\n"
+                               "grid:\n  model.moe.top_k: [1, 2]\n")
+    from moe.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "ep.yaml", "--slurm", "--cpu"])
+    assert "ep_size" in capsys.readouterr().err
+    main(["sweep", "ep.yaml", "--slurm", "--cpu", "--nodes", "2", "--dry-run"])
+    assert "#SBATCH --nodes=2" in capsys.readouterr().out
+    assert not (fake_slurm / "sbatch.calls").exists()

@@ -42,15 +42,23 @@ def records(path):
 
 
 def read_offline_run(run_dir):
-    """{'group', 'tags', 'job_type', 'history_keys'} of the newest offline W&B run under run_dir."""
+    """{'group', 'tags', 'job_type', 'history_keys', 'config_keys', 'step_metrics'} of the newest offline
+    W&B run under run_dir; step_metrics maps each define_metric name or glob to its x-axis metric."""
     files = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
     assert files, f"no offline W&B run under {run_dir}"
-    out = {"group": None, "tags": [], "job_type": None, "history_keys": set(), "config_keys": set()}
+    out = {"group": None, "tags": [], "job_type": None, "history_keys": set(), "config_keys": set(),
+           "step_metrics": {}}
     for rec in records(files[-1]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(group=rec.run.run_group, tags=list(rec.run.tags), job_type=rec.run.job_type)
             out["config_keys"] |= {i.key for i in rec.run.config.update}
+        elif kind == "metric":
+            name = rec.metric.name or rec.metric.glob_name
+            step = rec.metric.step_metric
+            if not step and rec.metric.step_metric_index:
+                step = "#" + str(rec.metric.step_metric_index)
+            out["step_metrics"].setdefault(name, step)
         elif kind == "history":
             out["history_keys"] |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
     return out

@@ -19,22 +19,6 @@ from tests.launch.conftest import PLANTED_SECRETS, files_containing, train_losse
 TINY = ["train.steps=3", "train.log_every=1", "train.eval_every=0"]
 
 
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """sinfo (partitions debug and big, no GPUs) and sbatch (job 4242, or FAKE_SBATCH_ERROR) on PATH."""
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    (bin_dir / "sinfo").write_text("#!/bin/bash\ncase \"$*\" in *%P*) printf 'debug*\\nbig\\n' ;; "
-                                   "*%G*) echo '(null)' ;; esac\n")
-    (bin_dir / "sbatch").write_text(
-        "#!/bin/bash\necho \"$@\" >> \"$(dirname \"$0\")/sbatch.calls\"\n"
-        "if [[ -n ${FAKE_SBATCH_ERROR:-} ]]; then echo \"$FAKE_SBATCH_ERROR\" >&2; exit 1; fi\necho 4242\n")
-    for f in ("sinfo", "sbatch"):
-        os.chmod(bin_dir / f, 0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return bin_dir
-
-
 def opts(**kw):
     base = dict(config="experiments/debug_moe.yaml", overrides=list(TINY), nodes=2, gpus_per_node=1)
     base.update(kw)

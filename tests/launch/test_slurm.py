@@ -172,3 +172,34 @@ def _worker_pid(job, rank, timeout=30):
                 return int(pid)
         time.sleep(0.2)
     raise AssertionError(f"no rank {rank} worker of job {job} found")
+
+
+def test_sweep_runs_as_one_job_array(slurm, module_workdir, cache):
+    """`moe sweep --slurm`: one array job trains every run; W&B sees the group and both x axes; a
+    rerun submits nothing; the report has every run."""
+    from tests.wandb_offline import read_offline_run
+
+    sweep = module_workdir / "arr.yaml"
+    sweep.write_text("name: arr\nbase: experiments/debug_moe.yaml\n"
+                     f"overrides: [train.steps=4, train.eval_every=2, train.log_every=2, data.cache_dir={cache}]\n"
+                     "grid:\n  model.moe.top_k: [1, 2]\n")
+    out = run_moe(["sweep", str(sweep), "--slurm", "--cpu", "--wait"], cwd=module_workdir, timeout=400)
+    assert "2 finished, 0 failed" in out.stdout, out.stdout
+    root = module_workdir / "runs" / "arr"
+    runs = json.loads((root / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["finished", "finished"]
+    assert len({r["job_id"] for r in runs}) == 1 and [r["task_id"] for r in runs] == [0, 1]
+    assert job_state(runs[0]["job_id"]).get("JobState") == "COMPLETED"
+    assert "[moe launch]" in (root / "logs" / f"slurm-{runs[1]['job_id']}_1.out").read_text()
+
+    wb = read_offline_run(root / "top_k=2")
+    assert wb["group"] == "arr" and wb["tags"] == ["top_k:2"] and wb["job_type"] == "train"
+    assert wb["step_metrics"]["loss/*"] == "tokens" and wb["step_metrics"]["loss_vs_flops/*"] == "flops"
+    assert {"loss/val", "loss_vs_flops/val", "tokens", "flops"} <= wb["history_keys"]
+
+    again = run_moe(["sweep", str(sweep), "--slurm", "--cpu"], cwd=module_workdir)
+    assert "nothing to submit" in again.stdout and "submitted job" not in again.stdout
+
+    run_moe(["report", str(root), "--out", str(module_workdir / "arr_report")], cwd=module_workdir)
+    md = (module_workdir / "arr_report" / "report.md").read_text()
+    assert md.count("| 1/1 |") == 2 and "Failed" not in md
