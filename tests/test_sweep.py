@@ -32,6 +32,13 @@ def test_variants_and_seeds(workdir):
                                             "num_experts=0,seed=1", "num_experts=0,seed=2"]
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                                                  "sweeps"))))
+def test_every_shipped_sweep_validates(workdir, name):
+    sweep = load_sweep(str(workdir / "experiments" / "sweeps" / name), runs_root=str(workdir / "runs"))
+    assert sweep.runs and len({r.name for r in sweep.runs}) == len(sweep.runs)
+
+
 @pytest.mark.parametrize("text,match", [
     ("base: experiments/debug_moe.yaml\ngrid:\n  model.moe.topk: [1, 2]\n", r"topk"),
     ("base: experiments/debug_moe.yaml\ngrid:\n  model.moe.top_k: []\n", r"non-empty list"),
