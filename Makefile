@@ -20,6 +20,8 @@ $(STAMP): setup.cfg setup.py pyproject.toml $(wildcard moe/csrc/*)
 	$(PY) -c "import moe, deepspeed, megatron.core, wandb, datasets, tokenizers" 2>/dev/null || (echo "install failed" && exit 1)
 	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; do it now, not in a run
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
+	# say which dispatch backend is live (pip -q above hides setup.py's "extension not built" warning)
+	$(VENV)/bin/moe info | grep "dispatch backend"
 	touch $(STAMP)
 
 install: $(STAMP)
