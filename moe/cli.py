@@ -162,13 +162,7 @@ def cmd_sweep(args) -> None:
         for run in sweep.runs:
             print(f"  {run.name}: moe train {sweep.base} {' '.join(run.args)}")
         return
-    results = run_local(sweep, parallel=args.parallel or 1, threads=args.threads)
-    failed = [n for n, r in results.items() if r["status"] == "failed"]
-    print(f"[sweep] {len(results) - len(failed)} finished, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))
-    print(f"[sweep] report: moe report {sweep.root} --out {sweep.root}/report")
-    if failed:
-        sys.exit(1)
+    _sweep_outcome(sweep, run_local(sweep, parallel=args.parallel or 1, threads=args.threads))
 
 
 def _sweep_slurm(args, sweep) -> None:
@@ -183,12 +177,18 @@ def _sweep_slurm(args, sweep) -> None:
     except (ConfigError, LaunchError) as exc:
         _die(str(exc))
     if args.wait:
-        failed = [n for n, r in results.items() if r["status"] == "failed"]
-        print(f"[sweep] {len(results) - len(failed)} finished, {len(failed)} failed"
-              + (f": {', '.join(failed)}" if failed else ""))
-        print(f"[sweep] report: moe report {sweep.root} --out {sweep.root}/report")
-        if failed:
-            sys.exit(1)
+        _sweep_outcome(sweep, results)
+
+
+def _sweep_outcome(sweep, results) -> None:
+    """Print how the sweep's runs ended and the report command; exit 1 if any failed."""
+    failed = [n for n, r in results.items() if r["status"] == "failed"]
+    queued = sum(r["status"] == "submitted" for r in results.values())
+    print(f"[sweep] {sum(r['status'] == 'finished' for r in results.values())} finished, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else "") + (f"; {queued} still in Slurm" if queued else ""))
+    print(f"[sweep] report: moe report {sweep.root} --out {sweep.root}/report")
+    if failed:
+        sys.exit(1)
 
 
 def _has_variants(path: str) -> bool:
