@@ -69,32 +69,23 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
     import torch.distributed as dist
 
     from moe import parallel
-    from moe.config import global_batch_size, grad_accum_steps, load_config, validate
-    from moe.data import BatchSampler, prepare_data
+    from moe.config import global_batch_size, load_config, validate
+    from moe.data import BatchSampler
     from moe.expert_parallel import gather_experts, is_expert_param, model_groups
     from moe.metrics import router_metrics
-    from moe.model import GPT
     from moe.routing.balancing import end_optimizer_step
-    from moe.train import seed_everything
+    from moe.train import build_training
 
     cfg = load_config(config, list(overrides) + [
         f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
         "logging.wandb.mode=disabled", "logging.progress=false"])
     world = parallel.world_size_from_env()
     validate(cfg, world)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    setup = build_training(cfg, world)
+    info, data, model, engine = setup.dist_info, setup.data, setup.model, setup.engine
+    dtype, accum, layers = setup.dtype, setup.accum, setup.moe_layers
     rank = info.rank
-    seed_everything(cfg.run.seed)
-    data = prepare_data(cfg.data, is_writer=rank == 0, barrier=dist.barrier)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.tokenizer.vocab_size
-    model = GPT(cfg.model).to(info.device)
-    accum = grad_accum_steps(cfg, world)
-    engine, _, _, dtype = parallel.build_engine(model, cfg, info, accum)
     groups = model_groups(model)
-    layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
     mbs = cfg.train.micro_batch_size
     sampler = BatchSampler(data.train, cfg.train.seq_len, mbs, rank, world, seed=cfg.run.seed)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -261,7 +261,7 @@ def submit_slurm(sweep: Sweep, opts, command: List[str], throttle: Optional[int]
 
     pending, results = pending_runs(sweep, log)
     if not pending:
-        log(f"[sweep] nothing to submit: every run is finished or still in Slurm")
+        log("[sweep] nothing to submit: every run is finished or still in Slurm")
         if not opts.dry_run:
             write_manifest(sweep, results)
         return results

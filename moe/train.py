@@ -11,12 +11,12 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -192,12 +192,55 @@ class Preemption:
         self._previous = {}
 
 
+@dataclass
+class TrainingSetup:
+    """What build_training makes: the processes' view, the data, the model and its DeepSpeed engine."""
+
+    dist_info: Any
+    data: Any
+    model: GPT
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    dtype: torch.dtype
+    accum: int
+    """Micro-batches per optimizer step on each rank."""
+    moe_layers: Dict[int, Any]
+    """{block index: MoELayer}."""
+
+
+def build_training(cfg: Config, world_size: int) -> TrainingSetup:
+    """Threads, process group, seeds, data (resolving model.vocab_size from the tokenizer), model and
+    DeepSpeed engine (expert parallelism applied there), in the one order every entry point uses:
+    `moe train` and the `moe parity` workers, so parity checks exactly what training runs."""
+    import torch.distributed as dist
+
+    from moe import parallel
+    from moe.data import prepare_data
+
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    seed_everything(cfg.run.seed)
+    data = prepare_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.tokenizer.vocab_size
+    elif cfg.model.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({data.tokenizer.vocab_size})")
+    model = GPT(cfg.model).to(dist_info.device)
+    accum = grad_accum_steps(cfg, world_size)
+    engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
+    moe_layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
+    return TrainingSetup(dist_info, data, model, engine, optimizer, scheduler, dtype, accum, moe_layers)
+
+
 def train(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by cfg; returns the summary written to summary.json."""
     import torch.distributed as dist
 
     from moe import parallel
-    from moe.data import BatchSampler, prepare_data
+    from moe.data import BatchSampler
     from moe.expert_parallel import ep_metrics
     from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
     from moe.routing.balancing import end_optimizer_step
@@ -208,29 +251,19 @@ def train(cfg: Config) -> Dict[str, Any]:
     is_writer = int(os.environ.get("RANK", "0")) == 0
     preemption = Preemption()  # from here on, a signal stops the run at a step boundary
     run_dir = prepare_run_dir(cfg, is_writer)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
 
     # 2. processes, data, model, engine
-    dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    setup = build_training(cfg, world_size)
+    dist_info, data, model, engine = setup.dist_info, setup.data, setup.model, setup.engine
+    optimizer, scheduler, dtype, accum, moe_layers = (setup.optimizer, setup.scheduler, setup.dtype, setup.accum,
+                                                     setup.moe_layers)
     rank = dist_info.rank
-    seed_everything(cfg.run.seed)
-    data = prepare_data(cfg.data, is_writer=rank == 0, barrier=dist.barrier)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.tokenizer.vocab_size
-    elif cfg.model.vocab_size < data.tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                          f"vocabulary ({data.tokenizer.vocab_size})")
     if rank == 0:
         data.tokenizer.save(run_dir)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:  # now with the resolved vocab size
             f.write(to_yaml(cfg))
-    model = GPT(cfg.model).to(dist_info.device)
     params = count_params(model)
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
-    accum = grad_accum_steps(cfg, world_size)
-    engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
-    moe_layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
     tokens_per_step = global_batch_size(cfg, world_size) * cfg.train.seq_len
 
     # 3. resume
