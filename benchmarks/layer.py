@@ -1,6 +1,6 @@
 """MoE layer benchmark: forward + backward of one FFN layer, fp32 on CPU, all in the same run.
 
-    python -m benchmarks.layer [--tokens 1024 4096] [--reps N] [--threads N] [--json OUT]
+    python -m benchmarks.layer [--tokens 1024 4096] [--reps N] [--threads N] [--zero-grad] [--json OUT]
 
 Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 
@@ -13,6 +13,10 @@ Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 
 Each measurement is the median of --reps timed forward+backward passes after warmup; implementations
 take turns inside every round so machine noise hits all alike. Ratios are against dense in the same run.
+By default the parameter gradients accumulate from pass to pass (each backward adds into .grad, as
+under gradient accumulation; the MoE layers have 4x the parameters of dense, and on the 2-core dev
+VM that add cost them ~10% of a T=1024 pass); --zero-grad sets them to None before each pass (untimed), as a training
+step's `zero_grad(set_to_none=True)` does, so each backward writes fresh gradients.
 """
 from __future__ import annotations
 
@@ -93,6 +97,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--zero-grad", action="store_true",
+                   help="set the gradients to None before every pass instead of accumulating into them")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     if args.threads:
@@ -101,7 +107,8 @@ def main(argv=None) -> dict:
     from moe import ops
 
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "dispatch_backend": ops.dispatch_backend("auto"), "shapes": {}}
+               "zero_grad": args.zero_grad, "torch": torch.__version__, "dispatch_backend": ops.dispatch_backend("auto"),
+               "shapes": {}}
     for T in args.tokens:
         impls = build_impls(T)
         x = torch.randn(1, T, D_MODEL, requires_grad=True)
@@ -111,13 +118,18 @@ def main(argv=None) -> dict:
                 run_once(mod, x)
         for _ in range(args.reps):
             for name, mod in impls.items():
+                if args.zero_grad:
+                    for p_ in mod.parameters():
+                        p_.grad = None
+                    x.grad = None
                 t0 = time.perf_counter()
                 run_once(mod, x)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results["shapes"][str(T)] = {name: {"ms": 1e3 * v, "vs_dense": v / med["dense"]} for name, v in med.items()}
         print(f"\nT={T}, d={D_MODEL}, expert hidden {HIDDEN}, E={EXPERTS}, k={TOP_K}; forward+backward, "
-              f"median of {args.reps}, {torch.get_num_threads()} threads")
+              f"median of {args.reps}, {torch.get_num_threads()} threads"
+              f"{', gradients set to None before each pass' if args.zero_grad else ''}")
         print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}")
         for name, v in med.items():
             print(f"{name:<22}{1e3 * v:>10.2f}{v / med['dense']:>10.2f}")

@@ -4,7 +4,10 @@ All experts of a layer are stored stacked: `w13 [E, 2h, d]` (gate and up project
 layout as an nn.Linear weight) and `w2 [E, d, h]`. Rows arrive already sorted by expert, with
 `tokens_per_expert` giving the segment lengths. How the E small GEMMs run is a backend chosen by name:
 
-- `loop`: one GEMM per non-empty expert over its contiguous slice (best on CPU, no padding).
+- `loop`: one GEMM per non-empty expert over its contiguous slice (best on CPU, no padding). With the
+  extension backend on CPU it runs as one compiled op (`moe.ops.grouped_swiglu`, moe/csrc/experts_cpu.cpp:
+  every thread runs single-threaded GEMMs on an equal share of rows, and a fused SwiGLU); the Python
+  `_GroupedSwiGLU` below is its reference.
 - `padded`: pad every expert to the largest segment and run one batched GEMM (wasted FLOPs, one call).
 - `grouped`: `torch._grouped_mm` (one kernel for all experts; CUDA with bf16, Hopper-class GPUs).
 """
@@ -16,6 +19,8 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe import ops
 
 
 def swiglu(h13: torch.Tensor) -> torch.Tensor:
@@ -137,18 +142,21 @@ class Experts(nn.Module):
     """E SwiGLU FFNs of hidden size h, computed over expert-sorted rows."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float, out_std: float,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", backend: str = "reference") -> None:
         super().__init__()
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.impl = impl
+        self.backend = backend  # dispatch backend (moe.ops): "extension" runs `loop` compiled on CPU
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         nn.init.normal_(self.w13, std=init_std)
         nn.init.normal_(self.w2, std=out_std)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        counts = tokens_per_expert.tolist()  # one host sync per layer; segment bounds need it anyway
         impl = resolve_experts_impl(self.impl, x.device, x.dtype)
+        if impl == "loop" and ops.grouped_swiglu_supported(self.backend, x):
+            return ops.grouped_swiglu(x, self.w13, self.w2, tokens_per_expert)
+        counts = tokens_per_expert.tolist()  # one host sync per layer; segment bounds need it anyway
         return EXPERT_IMPLS[impl](x, self.w13, self.w2, counts)
 
 

@@ -62,13 +62,18 @@ class RouterStats:
     @torch.no_grad()
     def update(self, decision, index, num_tokens: int) -> None:
         E = self.num_experts
-        kept = index.dest_rows >= 0
-        if decision.expert_choice:
+        if not decision.expert_choice and decision.slot_mask is None and index.num_dropped == 0:
+            # every chosen pair kept (dropless): the kept counts are the routed counts, nothing dropped
+            routed = index.tokens_per_expert[:E].double()
+            slots, dropped, dropped_tokens = float(index.dest_rows.numel()), 0.0, 0.0
+        elif decision.expert_choice:
+            kept = index.dest_rows >= 0
             routed = index.tokens_per_expert[:E].double()
             slots = torch.tensor(float(num_tokens), device=kept.device, dtype=torch.float64)
             dropped_tokens = (~kept.any(dim=1)).sum().double()
             dropped = dropped_tokens
         else:
+            kept = index.dest_rows >= 0
             used = decision.slot_mask if decision.slot_mask is not None else torch.ones_like(kept)
             routed = decision.routed_counts(E).double()
             slots = used.sum().double()
@@ -79,7 +84,7 @@ class RouterStats:
         self.slots = self.slots + slots
         self.dropped_tokens = self.dropped_tokens + dropped_tokens
         p = decision.scores / decision.scores.sum(-1, keepdim=True)
-        ent = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).sum().double()
+        ent = torch.special.entr(p).sum().double()  # -p log p, 0 at p = 0
         self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
         # the quantity the z-loss penalises, logged whatever its coefficient (0 included)
         lse2 = torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double()
@@ -101,13 +106,13 @@ class MoELayer(nn.Module):
         self.num_experts = moe_cfg.num_experts
         self.top_k = moe_cfg.top_k
         self.router = build_router(d_model, moe_cfg)
+        self.dispatch_backend = ops.dispatch_backend(moe_cfg.dispatch)
         self.experts = Experts(moe_cfg.num_experts, d_model, expert_hidden, init_std, out_std,
-                               impl=moe_cfg.experts_impl)
+                               impl=moe_cfg.experts_impl, backend=self.dispatch_backend)
         self.shared_experts = (
             DenseFFN(d_model, expert_hidden * moe_cfg.num_shared_experts, init_std, out_std)
             if moe_cfg.num_shared_experts > 0 else None
         )
-        self.dispatch_backend = ops.dispatch_backend(moe_cfg.dispatch)
         self.stats = RouterStats(moe_cfg.num_experts)
         self.aux_losses: Dict[str, torch.Tensor] = {}
 

@@ -13,13 +13,17 @@ This file holds the pure-PyTorch reference. A compiled backend, when present, is
 
 Compiled backend (`backend="extension"`): the C++/CUDA extension `moe._C` (moe/csrc/, built by
 setup.py) registers four dispatcher ops, torch.ops.moe.{routing_index, permute, unpermute,
-unpermute_backward}, with CPU (and, in a CUDA build, CUDA) kernels. It is imported lazily, on first
-use, by `_load_extension()`, which also registers their fake (meta) kernels and autograd formulas
-with torch.library, so the ops work under torch.compile (fullgraph) and with autograd:
+unpermute_backward}, with CPU (and, in a CUDA build, CUDA) kernels, plus the CPU-only expert ops
+grouped_swiglu and grouped_swiglu_backward (`grouped_swiglu` below, used by moe/experts.py). It is
+imported lazily, on first use, by `_load_extension()`, which also registers their fake (meta)
+kernels and autograd formulas with torch.library, so the ops work under torch.compile (fullgraph)
+and with autograd:
 
 - permute(x, dest_rows, num_rows): backward = unpermute(grad, dest_rows, None), a deterministic
   per-token gather-sum (no atomics); double backward is permute again.
 - unpermute(y, dest_rows, gate_weights): backward = unpermute_backward -> (grad_y, grad_w).
+- grouped_swiglu(x, w13, w2, counts) -> (out, h13, act): backward = grouped_swiglu_backward from
+  the saved h13 and act (no double backward, like the reference's hand-written backward).
 - routing_index: its output size (kept rows) is data dependent. The fake kernel returns a static
   size T * k when nothing can be dropped (capacity None or >= T * k) and otherwise an unbacked
   SymInt (ctx.new_dynamic_size, 0 <= rows <= min(T * k, E * capacity)); so it can stay inside a
@@ -166,6 +170,21 @@ def unpermute(y: torch.Tensor, index: RoutingIndex, gate_weights: torch.Tensor,
     return unpermute_reference(y, index, gate_weights)
 
 
+def grouped_swiglu_supported(backend: str, x: torch.Tensor) -> bool:
+    """True when `grouped_swiglu` runs compiled for x: extension backend, CPU tensor (it has no CUDA
+    kernel; on GPUs the experts use torch._grouped_mm or the per-expert loop)."""
+    return x.device.type in ("cpu", "meta") and _use_extension(backend, x)
+
+
+def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The compiled grouped expert SwiGLU (moe._C, CPU): E SwiGLU FFNs over expert-sorted rows x [N, d],
+    expert e taking the next counts[e] rows; w13 [E, 2h, d], w2 [E, d, h] -> [N, d]. The reference is
+    moe.experts `_loop` (same math, one multi-threaded GEMM per expert); check
+    `grouped_swiglu_supported` first. counts stays a tensor: no host list is built."""
+    _load_extension()
+    return torch.ops.moe.grouped_swiglu(x, w13, w2, counts)[0]
+
+
 # ------------------------------------------------------------------------- compiled backend (moe._C)
 
 _EXT = None  # the imported moe._C once its Python-side kernels are registered
@@ -279,6 +298,32 @@ def _register_python_kernels(ext) -> None:
         grad_y, grad_w = torch.ops.moe.unpermute_backward(grad, y, dest_rows, gate_weights)
         return grad_y, None, grad_w
 
+    @lib.register_fake("moe::grouped_swiglu")
+    def _grouped_swiglu_fake(x, w13, w2, counts):
+        N, h = x.shape[0], w2.shape[2]
+        return x.new_empty(N, w2.shape[1]), x.new_empty(N, 2 * h), x.new_empty(N, h)
+
+    @lib.register_fake("moe::grouped_swiglu_backward")
+    def _grouped_swiglu_backward_fake(grad_out, x, w13, w2, counts, h13, act):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(w13, memory_format=torch.contiguous_format),
+                torch.empty_like(w2, memory_format=torch.contiguous_format))
+
+    def _grouped_swiglu_setup(ctx, inputs, output):
+        x, w13, w2, counts = inputs
+        _, h13, act = output
+        ctx.mark_non_differentiable(h13, act)  # saved activations, not results
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for them
+        ctx.save_for_backward(x, w13, w2, counts, h13, act)
+
+    def _grouped_swiglu_backward(ctx, grad_out, _grad_h13, _grad_act):
+        x, w13, w2, counts, h13, act = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
+        grad_x, grad_w13, grad_w2 = torch.ops.moe.grouped_swiglu_backward(grad_out, x, w13, w2, counts, h13, act)
+        return grad_x, grad_w13, grad_w2, None
+
     lib.register_autograd("moe::permute", _permute_backward, setup_context=_permute_setup)
     lib.register_autograd("moe::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
+    lib.register_autograd("moe::grouped_swiglu", _grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
     ext._moe_python_kernels = True

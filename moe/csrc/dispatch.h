@@ -29,6 +29,18 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& dest_rows,
                                                           const at::Tensor& gate_weights);
 
+// ---- grouped expert SwiGLU (experts_cpu.cpp; semantics: moe/experts.py `_GroupedSwiGLU`)
+
+// x [N, d] expert-sorted rows (counts [E] int, summing to N), w13 [E, 2h, d], w2 [E, d, h] ->
+// (out [N, d], h13 [N, 2h], act [N, h]); h13 and act are what the backward needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tensor& x, const at::Tensor& w13,
+                                                                  const at::Tensor& w2, const at::Tensor& counts);
+
+// -> (grad_x [N, d], grad_w13 [E, 2h, d], grad_w2 [E, d, h]); experts with no rows get zero gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
+
 // ---- CPU row kernels, one set per instruction set (dispatch_cpu_kernels.h)
 struct CpuRowKernels {
   const char* isa;
@@ -39,6 +51,11 @@ struct CpuRowKernels {
                         void* grad_w);
   void (*permute)(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
                   int64_t row_bytes, char* out);
+  // Fused SwiGLU over `rows` rows (experts_cpu_kernels.h), run by the calling thread; strides in elements.
+  void (*swiglu_fwd)(at::ScalarType dtype, const void* h13, int64_t ld_h13, int64_t rows, int64_t h, void* act,
+                     int64_t ld_act);
+  void (*swiglu_bwd)(at::ScalarType dtype, const void* grad_act, int64_t ld_ga, const void* h13, int64_t ld_h13,
+                     int64_t rows, int64_t h, void* grad_h13, int64_t ld_gh13);
 };
 // AVX2 + F16C build (dispatch_cpu_avx2.cpp), or nullptr when it could not be compiled.
 const CpuRowKernels* avx2_row_kernels();

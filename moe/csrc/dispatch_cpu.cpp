@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -40,6 +41,7 @@
 // The row kernels, baseline instruction set (dispatch_cpu_avx2.cpp builds them again for AVX2).
 #define MOE_CPU_ISA base
 #include "dispatch_cpu_kernels.h"
+#include "experts_cpu_kernels.h"
 #undef MOE_CPU_ISA
 
 namespace moe {
@@ -114,7 +116,8 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 namespace {
 
-const CpuRowKernels kBaseKernels{"base", &base::gather_sum, &base::unpermute_bwd, &base::permute};
+const CpuRowKernels kBaseKernels{"base",         &base::gather_sum, &base::unpermute_bwd,
+                                 &base::permute, &base::swiglu_fwd, &base::swiglu_bwd};
 
 bool cpu_supports_avx2() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))

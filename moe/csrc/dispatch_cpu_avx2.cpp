@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -28,6 +29,7 @@
 #endif
 
 #include "dispatch_cpu_kernels.h"
+#include "experts_cpu_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -37,7 +39,8 @@
 
 namespace moe {
 namespace {
-const CpuRowKernels kAvx2Kernels{"avx2", &avx2::gather_sum, &avx2::unpermute_bwd, &avx2::permute};
+const CpuRowKernels kAvx2Kernels{"avx2",         &avx2::gather_sum, &avx2::unpermute_bwd,
+                                 &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd};
 }
 const CpuRowKernels* avx2_row_kernels() { return &kAvx2Kernels; }
 }  // namespace moe

@@ -10,6 +10,9 @@
 //   permute(x [T,...], dest_rows [T,k], num_rows) -> [num_rows, ...]
 //   unpermute(y [R,...], dest_rows [T,k], gate_weights? [T,k]) -> [T, ...]
 //   unpermute_backward(grad_out [T,...], y [R,...], dest_rows, gate_weights) -> (grad_y, grad_w)
+//   grouped_swiglu(x [N,d], w13 [E,2h,d], w2 [E,d,h], counts [E]) -> (out [N,d], h13 [N,2h], act [N,h])
+//   grouped_swiglu_backward(grad_out, x, w13, w2, counts, h13, act) -> (grad_x, grad_w13, grad_w2)
+//       (CPU only: on CUDA the experts run torch._grouped_mm or the per-expert loop)
 #include <Python.h>
 
 #include <torch/library.h>
@@ -25,6 +28,10 @@ TORCH_LIBRARY_FRAGMENT(moe, m) {
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor dest_rows, Tensor gate_weights) "
       "-> (Tensor grad_y, Tensor grad_gate_weights)");
+  m.def("grouped_swiglu(Tensor x, Tensor w13, Tensor w2, Tensor counts) -> (Tensor out, Tensor h13, Tensor act)");
+  m.def(
+      "grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor w13, Tensor w2, Tensor counts, Tensor h13, "
+      "Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -32,6 +39,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("permute", &moe::permute_cpu);
   m.impl("unpermute", &moe::unpermute_cpu);
   m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
+  m.impl("grouped_swiglu", &moe::grouped_swiglu_cpu);
+  m.impl("grouped_swiglu_backward", &moe::grouped_swiglu_backward_cpu);
 }
 
 // ------------------------------------------------------------------------ Python module moe._C

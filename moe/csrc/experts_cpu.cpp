@@ -1,0 +1,233 @@
+// CPU kernels of the grouped expert SwiGLU ops (see dispatch.h and moe/ops.py for the semantics; the
+// PyTorch reference is moe/experts.py `_GroupedSwiGLU`).
+//
+// E SwiGLU FFNs over the expert-sorted rows x [N, d] (segment e = counts[e] consecutive rows):
+//   h13 = x_e @ w13[e]^T,  act = silu(h13[:, :h]) * h13[:, h:],  out = act @ w2[e]^T.
+//
+// How the work is split over the T threads: the reference runs one multi-threaded GEMM per expert,
+// and a GEMM of a few hundred rows splits poorly over threads (each thread packs the same weights and
+// waits for the others; on the 2-core dev VM 2 threads reach ~1.7x one thread on these shapes). Here
+// every thread runs single-threaded GEMMs on its own share instead (BLAS called from inside a
+// parallel region runs sequentially):
+// - row phase (forward; backward's grad_act, grad_h13, grad_x): the N rows are cut into T equal
+//   contiguous ranges; a thread walks the expert segments its range overlaps and, per piece, runs
+//   GEMM -> fused SwiGLU (experts_cpu_kernels.h) -> GEMM (cutting pieces smaller, to stay in L2,
+//   measured slower: each GEMM call packs the expert's weights again);
+// - weight phase (grad_w13, grad_w2: a sum over an expert's rows): each thread computes a block of
+//   output rows of every expert's weight gradient, over the expert's full segment.
+// Both phases give every thread the same FLOPs whatever the expert counts; no atomics, no partial sums.
+#include "dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace moe {
+
+using at::Tensor;
+
+namespace {
+
+// Below this many FLOPs per thread, fewer threads: a parallel region costs a few microseconds.
+constexpr int64_t kMinFlopsPerThread = int64_t(1) << 21;
+
+struct Shapes {
+  int64_t N, d, E, h;
+};
+
+Shapes check_shapes(const Tensor& x, const Tensor& w13, const Tensor& w2, const Tensor& counts, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, d], got ", x.sizes());
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, op, ": w13 must be [E, 2h, d] and w2 [E, d, h], got ", w13.sizes(),
+              " and ", w2.sizes());
+  const int64_t N = x.size(0), d = x.size(1), E = w13.size(0), h = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * h && w13.size(2) == d && w2.size(0) == E && w2.size(1) == d, op,
+              ": shapes do not match: x ", x.sizes(), ", w13 ", w13.sizes(), ", w2 ", w2.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && w13.scalar_type() == x.scalar_type() &&
+                  w2.scalar_type() == x.scalar_type(),
+              op, ": x, w13 and w2 must have the same floating dtype, got ", x.scalar_type(), ", ", w13.scalar_type(),
+              ", ", w2.scalar_type());
+  TORCH_CHECK(counts.dim() == 1 && counts.numel() == E, op, ": counts must be [E] = [", E, "], got ",
+              counts.sizes());
+  TORCH_CHECK(!at::isFloatingType(counts.scalar_type()) && counts.scalar_type() != at::kBool, op,
+              ": counts must be an integer tensor");
+  return {N, d, E, h};
+}
+
+// Segment starts: offs[e] .. offs[e + 1] are expert e's rows; checks the counts cover the N rows.
+std::vector<int64_t> segment_offsets(const Tensor& counts, int64_t N, const char* op) {
+  const Tensor c = counts.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cp = c.const_data_ptr<int64_t>();
+  std::vector<int64_t> offs(static_cast<size_t>(c.numel()) + 1, 0);
+  for (int64_t e = 0; e < c.numel(); ++e) {
+    TORCH_CHECK(cp[e] >= 0, op, ": counts must be >= 0");
+    offs[e + 1] = offs[e] + cp[e];
+  }
+  TORCH_CHECK(offs.back() == N, op, ": counts sum to ", offs.back(), " but x has ", N, " rows");
+  return offs;
+}
+
+// Runs f(part, parts) for part in [0, parts) on up to `parts` threads. The worker threads do not
+// inherit the caller's thread-local dispatch state, so each excludes autograd itself: the GEMMs write
+// into views of fresh outputs (out=) and must not be recorded, even when the inputs require grad.
+template <typename F>
+void run_parts(int64_t parts, const F& f) {
+  if (parts <= 1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    f(int64_t(0), int64_t(1));
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t p = b; p < e; ++p) f(p, parts);
+  });
+}
+
+int64_t num_parts(int64_t flops, int64_t max_parts) {
+  const int64_t by_work = std::max<int64_t>(1, flops / kMinFlopsPerThread);
+  return std::max<int64_t>(1, std::min({static_cast<int64_t>(at::get_num_threads()), by_work, max_parts}));
+}
+
+// Calls f(e, lo, hi) for each expert segment overlapping rows [r0, r1), clipped to it.
+template <typename F>
+void for_pieces(const std::vector<int64_t>& offs, int64_t r0, int64_t r1, const F& f) {
+  const int64_t E = static_cast<int64_t>(offs.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t lo = std::max(r0, offs[e]), hi = std::min(r1, offs[e + 1]);
+    if (lo < hi) f(e, lo, hi);
+  }
+}
+
+// Scratch memory of the backward (grad_act and grad_h13, never returned), kept per calling thread and
+// reused across calls (grow-only, up to the largest layer seen): fresh pages for these large
+// temporaries would cost page faults on every call (glibc maps blocks over 32 MiB anew each time).
+// Returns one [rows, cols] tensor per entry of `shapes`, one after the other in the buffer.
+std::vector<Tensor> scratch(const std::vector<std::pair<int64_t, int64_t>>& shapes, const at::TensorOptions& opts) {
+  thread_local Tensor buffer;
+  constexpr int64_t kAlign = 64;
+  const int64_t es = static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()));
+  int64_t bytes = 0;
+  for (const auto& rc : shapes) bytes += (rc.first * rc.second * es + kAlign - 1) / kAlign * kAlign;
+  if (!buffer.defined() || buffer.nbytes() < static_cast<size_t>(bytes + kAlign)) {
+    buffer = Tensor();  // free the old one first
+    buffer = at::empty({bytes + kAlign}, opts.dtype(at::kByte));
+  }
+  char* base = static_cast<char*>(buffer.mutable_data_ptr());
+  base += (kAlign - reinterpret_cast<uintptr_t>(base) % kAlign) % kAlign;
+  std::vector<Tensor> out;
+  for (const auto& rc : shapes) {
+    out.push_back(at::from_blob(base, {rc.first, rc.second}, opts));
+    base += (rc.first * rc.second * es + kAlign - 1) / kAlign * kAlign;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const Tensor& w13_in, const Tensor& w2_in,
+                                                      const Tensor& counts) {
+  const Shapes s = check_shapes(x_in, w13_in, w2_in, counts, "grouped_swiglu");
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu");
+  const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
+  const auto opts = x.options();
+  // (plain at::empty: the transparent-huge-page hint of the dispatch ops' outputs made these timings
+  // vary more here, without a gain)
+  Tensor out = at::empty({s.N, s.d}, opts), h13 = at::empty({s.N, 2 * s.h}, opts), act = at::empty({s.N, s.h}, opts);
+  if (s.N == 0) return {out, h13, act};
+  if (s.d == 0 || s.h == 0) {
+    out.zero_();
+    h13.zero_();
+    act.zero_();
+    return {out, h13, act};
+  }
+  const CpuRowKernels& k = cpu_row_kernels();
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  char* h13p = static_cast<char*>(h13.mutable_data_ptr());
+  char* actp = static_cast<char*>(act.mutable_data_ptr());
+  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
+    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
+      const int64_t m = hi - lo;
+      Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
+      at::mm_out(h13_rows, x.narrow(0, lo, m), w13.select(0, e).t());
+      k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
+      Tensor out_rows = out.narrow(0, lo, m);
+      at::mm_out(out_rows, act_rows, w2.select(0, e).t());
+    });
+  });
+  return {out, h13, act};
+}
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
+                                                               const Tensor& w13_in, const Tensor& w2_in,
+                                                               const Tensor& counts, const Tensor& h13_in,
+                                                               const Tensor& act_in) {
+  const Shapes s = check_shapes(x_in, w13_in, w2_in, counts, "grouped_swiglu_backward");
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu_backward");
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && h13_in.dim() == 2 && h13_in.size(0) == s.N &&
+                  h13_in.size(1) == 2 * s.h && act_in.dim() == 2 && act_in.size(0) == s.N && act_in.size(1) == s.h,
+              "grouped_swiglu_backward: grad_out must be [N, d], h13 [N, 2h] and act [N, h]");
+  const at::ScalarType dtype = x_in.scalar_type();
+  const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
+  const Tensor go = grad_out_in.to(dtype).contiguous(), h13 = h13_in.to(dtype).contiguous(),
+               act = act_in.to(dtype).contiguous();
+  const auto opts = x.options();
+  Tensor grad_x = at::empty({s.N, s.d}, opts);
+  Tensor grad_w13 = at::empty(w13.sizes(), opts), grad_w2 = at::empty(w2.sizes(), opts);
+  if (s.N == 0 || s.d == 0 || s.h == 0) {
+    grad_x.zero_();
+    grad_w13.zero_();
+    grad_w2.zero_();
+    return {grad_x, grad_w13, grad_w2};
+  }
+  const CpuRowKernels& k = cpu_row_kernels();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const std::vector<Tensor> tmp = scratch({{s.N, s.h}, {s.N, 2 * s.h}}, opts);
+  const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
+  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+  const char* gap = static_cast<const char*>(grad_act.const_data_ptr());
+  char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
+
+  // Row phase: grad_act = grad_out @ w2[e]; grad_h13 = SwiGLU backward; grad_x = grad_h13 @ w13[e].
+  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
+    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
+      const int64_t m = hi - lo;
+      Tensor ga_rows = grad_act.narrow(0, lo, m);
+      at::mm_out(ga_rows, go.narrow(0, lo, m), w2.select(0, e));
+      k.swiglu_bwd(dtype, gap + lo * s.h * es, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h,
+                   gh13p + lo * 2 * s.h * es, 2 * s.h);
+      Tensor gx_rows = grad_x.narrow(0, lo, m);
+      at::mm_out(gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
+    });
+  });
+
+  // Weight phase: part p computes rows [2h p / P, 2h (p + 1) / P) of every grad_w13[e] and rows
+  // [d p / P, d (p + 1) / P) of every grad_w2[e], each a GEMM over the expert's whole segment.
+  const int64_t max_parts = std::min(2 * s.h, s.d);
+  run_parts(num_parts(6 * s.N * s.d * s.h, max_parts), [&](int64_t p, int64_t parts) {
+    const int64_t j0 = 2 * s.h * p / parts, j1 = 2 * s.h * (p + 1) / parts;
+    const int64_t i0 = s.d * p / parts, i1 = s.d * (p + 1) / parts;
+    for (int64_t e = 0; e < s.E; ++e) {
+      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
+      Tensor gw13 = grad_w13.select(0, e).narrow(0, j0, j1 - j0);
+      Tensor gw2 = grad_w2.select(0, e).narrow(0, i0, i1 - i0);
+      if (c == 0) {
+        gw13.zero_();
+        gw2.zero_();
+        continue;
+      }
+      at::mm_out(gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c));
+      at::mm_out(gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c));
+    }
+  });
+  return {grad_x, grad_w13, grad_w2};
+}
+
+}  // namespace moe
