@@ -141,24 +141,13 @@ def test_grouped_swiglu_thread_counts_agree():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grouped_swiglu_cpu_isa_variants_identical(dtype):
     """The fused SwiGLU of the baseline and AVX2 builds give bitwise identical results."""
-    import moe._C as C
+    from tests.test_ops import assert_cpu_isa_variants_identical
 
-    start = C.cpu_isa()
-    if not (C.set_cpu_isa("avx2") and C.set_cpu_isa("base")):
-        C.set_cpu_isa(start)
-        pytest.skip("this CPU has no AVX2 + F16C")
     counts = [20, 0, 13]
     x, w13, w2 = _weights(counts, 16, 45, dtype, scale=3.0)
     counts_t = torch.tensor(counts)
-    try:
-        results = {}
-        for isa in ("base", "avx2"):
-            assert C.set_cpu_isa(isa)
-            results[isa] = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-        for a, b in zip(results["base"], results["avx2"]):
-            assert torch.equal(a, b)
-    finally:
-        C.set_cpu_isa(start)
+    assert_cpu_isa_variants_identical(
+        lambda: _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2))
 
 
 @needs_ext

@@ -259,10 +259,9 @@ def test_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
-@needs_ext
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_isa_variants_identical(dtype):
-    """The baseline and AVX2 builds of the CPU row kernels give bitwise identical results."""
+def assert_cpu_isa_variants_identical(run):
+    """run() -> tensors, once with the baseline and once with the AVX2 build of the CPU row kernels:
+    the results must be bitwise identical. Skips on a CPU without AVX2 + F16C."""
     import moe._C as C
 
     start = C.cpu_isa()
@@ -270,18 +269,29 @@ def test_cpu_isa_variants_identical(dtype):
         C.set_cpu_isa(start)
         pytest.skip("this CPU has no AVX2 + F16C")
     try:
-        index = _index("skewed_cap_priority", EXT)
-        x, y, w, gout, gperm = _data(index, index.dest_rows.shape[0], 200, dtype)  # 200: a partial block
         results = {}
         for isa in ("base", "avx2"):
             assert C.set_cpu_isa(isa) and C.cpu_isa() == isa
-            out, (gy, gw) = _grads(lambda a, b: ops.unpermute(a, index, b, backend=EXT), [y, w], gout)
-            px, (gx,) = _grads(lambda a: ops.permute(a, index, backend=EXT), [x], gperm)
-            results[isa] = [out, gy, gw, px, gx]
-        for a, b in zip(results["base"], results["avx2"]):
+            results[isa] = list(run())
+        for a, b in zip(results["base"], results["avx2"], strict=True):
             assert torch.equal(a, b)
     finally:
         C.set_cpu_isa(start)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_isa_variants_identical(dtype):
+    """The baseline and AVX2 builds of the CPU row kernels give bitwise identical results."""
+    index = _index("skewed_cap_priority", EXT)
+    x, y, w, gout, gperm = _data(index, index.dest_rows.shape[0], 200, dtype)  # 200: a partial block
+
+    def run():
+        out, (gy, gw) = _grads(lambda a, b: ops.unpermute(a, index, b, backend=EXT), [y, w], gout)
+        px, (gx,) = _grads(lambda a: ops.permute(a, index, backend=EXT), [x], gperm)
+        return [out, gy, gw, px, gx]
+
+    assert_cpu_isa_variants_identical(run)
 
 
 # --------------------------------------------------------------------------------- torch.compile
