@@ -32,7 +32,7 @@ def test_expert_impls_match_reference_forward_and_backward(impl, counts):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
 
 
-def test_grouped_swiglu_gradcheck():
+def test_reference_grouped_swiglu_gradcheck():
     torch.manual_seed(0)
     counts = [2, 0, 3]
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -94,7 +94,7 @@ def test_grouped_swiglu_extension_matches_reference(counts, dtype):
 
 
 @needs_ext
-def test_grouped_swiglu_gradcheck():
+def test_compiled_grouped_swiglu_gradcheck():
     counts = [2, 0, 3]
     x, w13, w2 = _weights(counts, 4, 3, torch.float64)
     counts_t = torch.tensor(counts)
