@@ -1,7 +1,6 @@
 """The prepared GPU check must not rot between GPU sessions: run it on the CPU at small shapes."""
 import os
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -115,7 +115,7 @@ def test_failed_run_is_reported_not_dropped(workdir, data_cache):
     (workdir / "d.jsonl").write_text('{"body": "hello"}\n')
     proc = run_moe(["sweep", sweep_file], cwd=workdir, check=False)
     assert proc.returncode != 0 and "1 finished, 1 failed" in proc.stdout
-    rep = run_moe(["report", str(workdir / "runs" / "withfail"), "--out", str(workdir / "rep")], cwd=workdir)
+    run_moe(["report", str(workdir / "runs" / "withfail"), "--out", str(workdir / "rep")], cwd=workdir)
     md = (workdir / "rep" / "report.md").read_text()
     assert "Failed or unfinished runs" in md and "text_field=nope" in md
 

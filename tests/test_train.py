@@ -1,7 +1,6 @@
 """End to end through the CLI and the DeepSpeed engine (each run in its own process)."""
 import json
 import os
-import shutil
 
 import pytest
 
