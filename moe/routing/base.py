@@ -102,7 +102,20 @@ class Router(nn.Module):
         return decision
 
     def route(self, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> RoutingDecision:
-        raise NotImplementedError
+        raise NotImplementedError  # each router family implements it
+
+    def token_choice_decision(self, expert_indices: torch.Tensor, gate_weights: torch.Tensor, logits: torch.Tensor,
+                              scores: torch.Tensor, slot_mask: Optional[torch.Tensor] = None) -> RoutingDecision:
+        """The decision of a token-choice router; under a capacity, drop_policy=probs keeps an over-full
+        expert's highest-gate pairs (priority = gate weight), position its earliest (no priority)."""
+        return RoutingDecision(
+            expert_indices=expert_indices,
+            gate_weights=gate_weights,
+            priority=gate_weights if self.cfg.drop_policy == "probs" else None,
+            logits=logits,
+            scores=scores,
+            slot_mask=slot_mask,
+        )
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, E], with input jitter and noisy gating applied in training when configured."""

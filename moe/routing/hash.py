@@ -55,10 +55,4 @@ class HashRouter(Router):
         expert_indices = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[:, :self.top_k]
         chosen = scores.gather(1, expert_indices)
         gate_weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return RoutingDecision(
-            expert_indices=expert_indices,
-            gate_weights=gate_weights,
-            priority=gate_weights if self.cfg.drop_policy == "probs" else None,
-            logits=logits,
-            scores=scores,
-        )
+        return self.token_choice_decision(expert_indices, gate_weights, logits, scores)

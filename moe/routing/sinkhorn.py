@@ -54,10 +54,4 @@ class SinkhornRouter(Router):
         else:
             expert_indices = torch.topk(scores, self.top_k, dim=-1).indices
         gate_weights = self.gates(scores.gather(1, expert_indices))
-        return RoutingDecision(
-            expert_indices=expert_indices,
-            gate_weights=gate_weights,
-            priority=gate_weights if self.cfg.drop_policy == "probs" else None,
-            logits=logits,
-            scores=scores,
-        )
+        return self.token_choice_decision(expert_indices, gate_weights, logits, scores)

@@ -44,14 +44,7 @@ class TopKRouter(Router):
             expert_indices = torch.topk(selection, self.top_k, dim=-1).indices
         gate_weights = self.gates(scores.gather(1, expert_indices))
         slot_mask = self._random_routing_mask(gate_weights) if self.cfg.random_routing and self.training else None
-        return RoutingDecision(
-            expert_indices=expert_indices,
-            gate_weights=gate_weights,
-            priority=gate_weights if self.cfg.drop_policy == "probs" else None,
-            logits=logits,
-            scores=scores,
-            slot_mask=slot_mask,
-        )
+        return self.token_choice_decision(expert_indices, gate_weights, logits, scores, slot_mask)
 
     @staticmethod
     @torch.no_grad()
