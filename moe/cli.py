@@ -155,7 +155,7 @@ def cmd_sweep(args) -> None:
     if args.slurm:
         _sweep_slurm(args, sweep)
         return
-    given = [f"--{a.dest.replace('_', '-')}" for a in SLURM_OPTIONS if getattr(args, a.dest) != a.default]
+    given = [f"--{a.dest.replace('_', '-')}" for a in args.slurm_actions if getattr(args, a.dest) != a.default]
     if given:
         _die(f"{', '.join(given)}: Slurm job option(s) without --slurm; add --slurm to submit the sweep as a job array")
     if args.dry_run:
@@ -284,33 +284,34 @@ def cmd_info(args) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-SLURM_OPTIONS: List[argparse.Action] = []
+def _add_slurm_options(parser) -> List[argparse.Action]:
+    """The job options shared by `moe launch` and `moe sweep --slurm`; returns their actions."""
+    actions: List[argparse.Action] = []
 
+    def add(*flags, **kw) -> None:
+        actions.append(parser.add_argument(*flags, **kw))
 
-def _add_slurm_options(p) -> None:
-    """The job options shared by `moe launch` and `moe sweep --slurm`."""
-    first = len(p._actions)
-    p.add_argument("--nodes", type=int, default=1, help="nodes to allocate per run (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=1,
-                   help="processes per node: one per GPU on GPU nodes; on CPU-only nodes (the partition has no "
-                        "GPU GRES, or --cpu) the number of CPU processes per node, and no GPU is requested")
-    p.add_argument("--cpu", action="store_true", help="the nodes have no GPU: request none")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
-                   help="torchrun (c10d rendezvous, restarts) or the deepspeed launcher with a hostfile")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="torchrun restarts of failed workers; each restart resumes from the latest checkpoint")
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="USR2 this many seconds before the time limit: checkpoint, requeue, exit (default 120)")
+    add("--nodes", type=int, default=1, help="nodes to allocate per run (default 1)")
+    add("--gpus-per-node", type=int, default=1,
+        help="processes per node: one per GPU on GPU nodes; on CPU-only nodes (the partition has no "
+             "GPU GRES, or --cpu) the number of CPU processes per node, and no GPU is requested")
+    add("--cpu", action="store_true", help="the nodes have no GPU: request none")
+    add("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+        help="torchrun (c10d rendezvous, restarts) or the deepspeed launcher with a hostfile")
+    add("--max-restarts", type=int, default=0,
+        help="torchrun restarts of failed workers; each restart resumes from the latest checkpoint")
+    add("--signal-seconds", type=int, default=120,
+        help="USR2 this many seconds before the time limit: checkpoint, requeue, exit (default 120)")
     for flag in ("partition", "account", "qos", "time", "constraint", "mem", "mail-user", "mail-type", "job-name"):
-        p.add_argument(f"--{flag}", help=f"sbatch --{flag}")
-    p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive")
-    p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="export this in the job script (not for secrets: those are inherited at run time)")
-    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="extra #SBATCH line, e.g. --sbatch-arg=--reservation=foo")
-    p.add_argument("--wait", action="store_true", help="wait for the job (and its requeues) to end")
-    SLURM_OPTIONS[:] = p._actions[first:]
+        add(f"--{flag}", help=f"sbatch --{flag}")
+    add("--exclusive", action="store_true", help="sbatch --exclusive")
+    add("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
+    add("--env", action="append", default=[], metavar="NAME=VALUE",
+        help="export this in the job script (not for secrets: those are inherited at run time)")
+    add("--sbatch-arg", action="append", default=[], metavar="ARG",
+        help="extra #SBATCH line, e.g. --sbatch-arg=--reservation=foo")
+    add("--wait", action="store_true", help="wait for the job (and its requeues) to end")
+    return actions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the runs and their commands (with --slurm: print the array job script); run nothing")
     s.add_argument("--export-wandb", metavar="OUT", default=None, help="write a W&B sweep config instead")
     s.add_argument("--slurm", action="store_true", help="submit the runs as one Slurm job array (options below)")
-    _add_slurm_options(s.add_argument_group("Slurm job options (with --slurm)"))
+    s.set_defaults(slurm_actions=_add_slurm_options(s.add_argument_group("Slurm job options (with --slurm)")))
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="group sweep runs by swept values, average seeds, plot and tabulate")
