@@ -32,11 +32,10 @@ Allocation. Every implementation returns freshly allocated outputs. With glibc's
 blocks above 32 MiB are mmap-ed and returned to the OS on free, so *every* call page-faults its
 outputs in again (about 2 us per 4 KiB page on this VM: a 1 GiB output costs ~0.6 s, several times
 the copy itself). That is a property of the process allocator, not of the dispatch kernels, and
-affects every implementation. By default the benchmark therefore re-executes itself with
-GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<64 GiB>, so freed memory is
-reused (the steady state a training loop gets from jemalloc/tcmalloc or a caching allocator);
-free pages go back to the OS (malloc_trim) between measurements to bound the peak memory (~14 GiB
-for the full run).
+affects every implementation. By default the benchmark therefore keeps freed memory in the process
+(moe.host_memory.keep_freed_memory: glibc mmap off, no trimming; what `moe train` does by default,
+and the steady state jemalloc/tcmalloc or a caching allocator give); free pages go back to the OS
+(malloc_trim) between measurements to bound the peak memory (~14 GiB for the full run).
 `--system-alloc` keeps the default allocator (the moe._C ops then ask for transparent huge pages
 on their large outputs, which makes first touch ~3x cheaper).
 """
@@ -52,7 +51,6 @@ import time
 
 SHAPES_FULL = [(8192, 1024, 8, 2), (16384, 2048, 64, 8)]
 SHAPES_QUICK = [(2048, 512, 8, 2), (4096, 512, 32, 4)]
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 OPS = ["permute fwd", "permute bwd", "unpermute fwd", "unpermute bwd"]
 IMPLS = ["ours", "megatron", "reference"]
 
@@ -70,26 +68,13 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def _maybe_reexec(args) -> None:
-    if args.system_alloc or not sys.platform.startswith("linux") or os.environ.get("MOE_BENCH_REEXEC"):
-        return
-    env = dict(os.environ, MOE_BENCH_REEXEC="1")
-    env["GLIBC_TUNABLES"] = (env["GLIBC_TUNABLES"] + ":" if env.get("GLIBC_TUNABLES") else "") + TUNABLES
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.dispatch", *sys.argv[1:]], env)
-
-
 def _release_free_memory() -> None:
     """With mmap off, glibc never shrinks the heap and big blocks of varying sizes fragment it; give
     the free pages back between phases (the warm-up run of the next phase faults its outputs in)."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+    from moe.host_memory import release_free_memory
 
-            ctypes.CDLL(None).malloc_trim(0)
-        except Exception:
-            pass
+    gc.collect()
+    release_free_memory()
 
 
 def _megatron():
@@ -224,10 +209,12 @@ def _print_shape(res):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    _maybe_reexec(args)
     import torch
 
     from moe import ops
+    from moe.host_memory import keep_freed_memory
+
+    reused = not args.system_alloc and keep_freed_memory()
 
     if not ops.extension_available():
         print("moe._C is not built: run `pip install --no-build-isolation -e .` first", file=sys.stderr)
@@ -236,8 +223,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     reps = args.reps or (3 if args.quick else 8)
     moe_utils = None if args.no_megatron else _megatron()
-    alloc = "glibc default" if "glibc.malloc.mmap_max=0" not in os.environ.get("GLIBC_TUNABLES", "") else \
-        "glibc, mmap off (freed memory reused)"
+    alloc = "freed memory kept for reuse" if reused else "system default"
     print(f"token dispatch benchmark: torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}, "
           f"allocator: {alloc}, best of {reps}")
     start = time.perf_counter()

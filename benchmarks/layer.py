@@ -1,6 +1,7 @@
 """MoE layer benchmark: forward + backward of one FFN layer, fp32 on CPU, all in the same run.
 
-    python -m benchmarks.layer [--tokens 1024 4096] [--reps N] [--threads N] [--zero-grad] [--json OUT]
+    python -m benchmarks.layer [--tokens 1024 4096] [--reps N] [--threads N] [--zero-grad] [--system-alloc]
+                               [--json OUT]
 
 Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 
@@ -17,6 +18,9 @@ By default the parameter gradients accumulate from pass to pass (each backward a
 under gradient accumulation; the MoE layers have 4x the parameters of dense, and on the 2-core dev
 VM that add cost them ~10% of a T=1024 pass); --zero-grad sets them to None before each pass (untimed), as a training
 step's `zero_grad(set_to_none=True)` does, so each backward writes fresh gradients.
+Freed memory is kept in the process for reuse (moe.host_memory.keep_freed_memory, as `moe train` does
+by default), for every implementation alike; --system-alloc keeps glibc's default, under which every
+block over 32 MiB (the MoE layers' weight gradients) is page-faulted in anew on every pass.
 """
 from __future__ import annotations
 
@@ -99,15 +103,20 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--zero-grad", action="store_true",
                    help="set the gradients to None before every pass instead of accumulating into them")
+    p.add_argument("--system-alloc", action="store_true",
+                   help="keep glibc's default malloc (large blocks page-faulted in on every pass)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from moe import ops
+    from moe.host_memory import keep_freed_memory
+
+    reused = not args.system_alloc and keep_freed_memory()
 
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "zero_grad": args.zero_grad, "torch": torch.__version__, "dispatch_backend": ops.dispatch_backend("auto"),
+               "zero_grad": args.zero_grad, "freed_memory_reused": reused, "torch": torch.__version__, "dispatch_backend": ops.dispatch_backend("auto"),
                "shapes": {}}
     for T in args.tokens:
         impls = build_impls(T)
@@ -129,7 +138,8 @@ def main(argv=None) -> dict:
         results["shapes"][str(T)] = {name: {"ms": 1e3 * v, "vs_dense": v / med["dense"]} for name, v in med.items()}
         print(f"\nT={T}, d={D_MODEL}, expert hidden {HIDDEN}, E={EXPERTS}, k={TOP_K}; forward+backward, "
               f"median of {args.reps}, {torch.get_num_threads()} threads"
-              f"{', gradients set to None before each pass' if args.zero_grad else ''}")
+              f"{', gradients set to None before each pass' if args.zero_grad else ''}"
+              f"{'' if reused else ', system allocator'}")
         print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}")
         for name, v in med.items():
             print(f"{name:<22}{1e3 * v:>10.2f}{v / med['dense']:>10.2f}")

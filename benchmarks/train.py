@@ -1,11 +1,13 @@
 """Training-step throughput: the MoE model against the dense model with equal active parameters.
 
-    python -m benchmarks.train [--dense CFG] [--moe CFG] [--steps N] [--threads N] [--json OUT] [key=value ...]
+    python -m benchmarks.train [--dense CFG] [--moe CFG] [--steps N] [--threads N] [--system-alloc] [--json OUT]
+                               [key=value ...]
 
 Builds both models from their experiment configs (default: the quickstart pair), then times full
 training steps (forward, backward, AdamW step) on the same random token batches, alternating
 dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
-Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`.
+Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`. Freed memory is kept
+for reuse as `moe train` does (train.keep_freed_memory); --system-alloc keeps glibc's default.
 """
 from __future__ import annotations
 
@@ -44,11 +46,15 @@ def main(argv=None) -> dict:
     p.add_argument("--moe", default="experiments/quickstart_moe.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--system-alloc", action="store_true", help="keep glibc's default malloc")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from moe.host_memory import keep_freed_memory
+
+    reused = not args.system_alloc and keep_freed_memory()
     torch.manual_seed(0)
     runs = {"dense": build(args.dense, args.overrides), "moe": build(args.moe, args.overrides)}
     cfg = runs["dense"][0]
@@ -63,7 +69,8 @@ def main(argv=None) -> dict:
             if i >= 3:  # warmup
                 times[name].append(time.perf_counter() - t0)
     tokens = B * S
-    result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps}
+    result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps,
+              "freed_memory_reused": reused}
     for name, (c, _, _, params) in runs.items():
         med = statistics.median(times[name])
         result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}

@@ -222,6 +222,10 @@ class TrainConfig:
     """torch.compile the model."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
+    keep_freed_memory: bool = True
+    """Keep freed host memory in the process for reuse (glibc malloc: no mmap-ed blocks, no trimming;
+    see moe/host_memory.py) so large CPU tensors are not page-faulted in anew every step; resident
+    memory then stays at its peak. No effect off glibc."""
 
 
 @dataclass

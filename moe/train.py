@@ -23,12 +23,14 @@ import torch
 
 from moe import checkpoint
 from moe.config import Config, ConfigError, config_from_yaml_text, grad_accum_steps, global_batch_size, to_dict, to_yaml, validate
+from moe.host_memory import keep_freed_memory
 from moe.model import GPT, count_params, flops_per_token
 
 # Keys whose change does not make a run folder "another run": extending or re-logging a run is fine,
 # and so is resuming at another parallel layout (checkpoints are layout-free, see moe/checkpoint.py).
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.eval_batches", "logging",
-                  "checkpoint", "run.overwrite", "train.threads", "parallel", "train.zero_stage")
+                  "checkpoint", "run.overwrite", "train.threads", "train.keep_freed_memory", "parallel",
+                  "train.zero_stage")
 
 
 def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
@@ -207,6 +209,8 @@ class TrainingSetup:
     """Micro-batches per optimizer step on each rank."""
     moe_layers: Dict[int, Any]
     """{block index: MoELayer}."""
+    freed_memory_kept: bool
+    """Whether the host-memory policy of train.keep_freed_memory is in effect (moe/host_memory.py)."""
 
 
 def build_training(cfg: Config, world_size: int) -> TrainingSetup:
@@ -220,6 +224,7 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    freed_memory_kept = cfg.train.keep_freed_memory and keep_freed_memory()
     dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     seed_everything(cfg.run.seed)
     data = prepare_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier)
@@ -232,7 +237,8 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
     accum = grad_accum_steps(cfg, world_size)
     engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
     moe_layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
-    return TrainingSetup(dist_info, data, model, engine, optimizer, scheduler, dtype, accum, moe_layers)
+    return TrainingSetup(dist_info, data, model, engine, optimizer, scheduler, dtype, accum, moe_layers,
+                         freed_memory_kept)
 
 
 def train(cfg: Config) -> Dict[str, Any]:
@@ -288,7 +294,8 @@ def train(cfg: Config) -> Dict[str, Any]:
         print(f"[moe] run {cfg.run.name} ({kind}) in {run_dir}: params total {params['params_total']:,}, "
               f"active {params['params_active']:,}, training FLOPs/token {flops['flops_per_token']:.3e}, "
               f"{tokens_per_step} tokens/step, world {world_size}, grad accum {accum}, device {dist_info.device}, "
-              f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}"
+              f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}, "
+              f"freed host memory {'kept for reuse' if setup.freed_memory_kept else 'returned to the OS'}"
               + (f"; resuming from {tag}" if resumed else ""), flush=True)
     logger = None
     if rank == 0:

@@ -53,11 +53,15 @@ def test_moe_loss_falls_and_run_folder_is_complete(workdir, data_cache):
 @pytest.mark.slow
 def test_resume_gives_identical_loss_curve(workdir, data_cache):
     common = ["train.steps=12", "train.log_every=1", "train.eval_every=0", "checkpoint.every=6"]
-    train(workdir, "debug_moe", *common, "run.name=straight", data_cache=data_cache)
-    # interrupted: stop after 6 steps, then the same command with the full step count resumes
+    out = train(workdir, "debug_moe", *common, "run.name=straight", data_cache=data_cache)
+    assert "freed host memory kept for reuse" in out.stdout  # train.keep_freed_memory defaults to true
+    # interrupted: stop after 6 steps, then the same command with the full step count resumes (here
+    # with the host-memory policy off: a resumable key, and it must not change any number)
     train(workdir, "debug_moe", *common, "train.steps=6", "run.name=resumed", data_cache=data_cache)
-    out = train(workdir, "debug_moe", *common, "run.name=resumed", data_cache=data_cache)
+    out = train(workdir, "debug_moe", *common, "run.name=resumed", "train.keep_freed_memory=false",
+                data_cache=data_cache)
     assert "resuming from step_00000006" in out.stdout
+    assert "freed host memory returned to the OS" in out.stdout
     straight = train_losses(workdir / "runs" / "straight")
     resumed = train_losses(workdir / "runs" / "resumed")
     assert [s for s, _ in resumed] == list(range(1, 13))
