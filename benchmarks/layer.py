@@ -12,7 +12,8 @@ Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
                     and capacity factor 1.0 with drop_tokens=True;
 - hf-mixtral:       transformers' MixtralSparseMoeBlock (per-expert Python loop), when installed.
 
-Each measurement is the median of --reps timed forward+backward passes after warmup; implementations
+Each measurement is the median of --reps timed forward+backward passes (backward of a fixed random
+gradient of the output) after warmup; implementations
 take turns inside every round so machine noise hits all alike. Ratios are against dense in the same run.
 By default the parameter gradients accumulate from pass to pass (each backward adds into .grad, as
 under gradient accumulation; the MoE layers have 4x the parameters of dense, and on the 2-core dev
@@ -89,11 +90,11 @@ def _deepspeed_layers():
     return out
 
 
-def run_once(module, x):
+def run_once(module, x, grad_out):
     out = module(x)
     if isinstance(out, tuple):
         out = out[0]
-    out.float().sum().backward()
+    out.backward(grad_out)
 
 
 def main(argv=None) -> dict:
@@ -121,10 +122,12 @@ def main(argv=None) -> dict:
     for T in args.tokens:
         impls = build_impls(T)
         x = torch.randn(1, T, D_MODEL, requires_grad=True)
+        # a dense gradient, as a layer inside a network receives (not the stride-0 ones of .sum().backward())
+        grad_out = torch.randn(1, T, D_MODEL)
         times = {name: [] for name in impls}
         for name, mod in impls.items():  # warmup
             for _ in range(2):
-                run_once(mod, x)
+                run_once(mod, x, grad_out)
         for _ in range(args.reps):
             for name, mod in impls.items():
                 if args.zero_grad:
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
                         p_.grad = None
                     x.grad = None
                 t0 = time.perf_counter()
-                run_once(mod, x)
+                run_once(mod, x, grad_out)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results["shapes"][str(T)] = {name: {"ms": 1e3 * v, "vs_dense": v / med["dense"]} for name, v in med.items()}
