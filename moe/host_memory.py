@@ -17,7 +17,7 @@ import sys
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_TRIM_NEVER = 2**31 - 1  # the largest value mallopt takes (an int): free top-of-heap space is kept up to 2 GiB
+_TRIM_NEVER = -1  # mallopt(3): "setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 _applied = False
 
