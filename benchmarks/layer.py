@@ -13,8 +13,9 @@ Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 - hf-mixtral:       transformers' MixtralSparseMoeBlock (per-expert Python loop), when installed.
 
 Each measurement is the median of --reps timed forward+backward passes (backward of a fixed random
-gradient of the output) after warmup; implementations
-take turns inside every round so machine noise hits all alike. Ratios are against dense in the same run.
+gradient of the output) after warmup; implementations take turns inside every round so machine noise
+hits all alike. "x dense" is the median over rounds of the time over dense's time in the same round,
+with its quartiles (p25-p75) to show the noise left.
 By default the parameter gradients accumulate from pass to pass (each backward adds into .grad, as
 under gradient accumulation; the MoE layers have 4x the parameters of dense, and on the 2-core dev
 VM that add cost them ~10% of a T=1024 pass); --zero-grad sets them to None before each pass (untimed), as a training
@@ -138,14 +139,21 @@ def main(argv=None) -> dict:
                 run_once(mod, x, grad_out)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        results["shapes"][str(T)] = {name: {"ms": 1e3 * v, "vs_dense": v / med["dense"]} for name, v in med.items()}
+        # ratios within each round (every implementation ran once, back to back), then their median and
+        # quartiles: slow drifts of the machine cancel, the spread shows what noise is left
+        ratios = {name: sorted(t / d for t, d in zip(ts, times["dense"])) for name, ts in times.items()}
+        quart = {name: statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3 for name, r in ratios.items()}
+        results["shapes"][str(T)] = {
+            name: {"ms": 1e3 * med[name], "vs_dense": statistics.median(ratios[name]),
+                   "vs_dense_p25": quart[name][0], "vs_dense_p75": quart[name][2]} for name in impls}
         print(f"\nT={T}, d={D_MODEL}, expert hidden {HIDDEN}, E={EXPERTS}, k={TOP_K}; forward+backward, "
               f"median of {args.reps}, {torch.get_num_threads()} threads"
               f"{', gradients set to None before each pass' if args.zero_grad else ''}"
               f"{'' if reused else ', system allocator'}")
-        print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}")
-        for name, v in med.items():
-            print(f"{name:<22}{1e3 * v:>10.2f}{v / med['dense']:>10.2f}")
+        print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}{'p25-p75':>14}")
+        for name, r in results["shapes"][str(T)].items():
+            print(f"{name:<22}{r['ms']:>10.2f}{r['vs_dense']:>10.2f}"
+                  f"{r['vs_dense_p25']:>9.2f}-{r['vs_dense_p75']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
