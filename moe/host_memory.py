@@ -4,10 +4,12 @@ glibc's malloc serves every block over its mmap threshold (at most 32 MiB) with 
 returns it to the OS on free. A CPU training step frees and reallocates the same large tensors every
 step (weight gradients, activations, the expert-sorted token buffers), so each step page-faults them
 in again: about 2 us per 4 KiB page on the dev VM, where it cost the compiled expert op's backward
-at T=1024 (d=512, E=8: a 32 MiB grad_w13) 83 ms instead of 72 ms (BENCHMARKS.md). `keep_freed_memory()` makes freed blocks stay in the
-process for reuse, the steady state that PyTorch's CUDA caching allocator gives GPU tensors and that
-jemalloc/tcmalloc give CPU users who preload them. The price: the process's resident memory stays at
-its peak instead of shrinking between steps.
+at T=1024 (d=512, E=8: a 32 MiB grad_w13) 83 ms instead of 72 ms (BENCHMARKS.md).
+
+`keep_freed_memory()` makes freed blocks stay in the process for reuse: the steady state that
+PyTorch's CUDA caching allocator gives GPU tensors and that jemalloc/tcmalloc give CPU users who
+preload them. The price: the process's resident memory stays at its peak instead of shrinking
+between steps. (Huge requests still succeed: glibc falls back to mmap when the heap cannot grow.)
 """
 from __future__ import annotations
 
