@@ -102,8 +102,9 @@ def bench_layer(device, dtype, T, reps):
     moe = MoELayer(512, 1024, cfg, 0.02, 0.02).to(device, dtype)
     dense = DenseFFN(512, 2048, 0.02, 0.02).to(device, dtype)
     x = torch.randn(T, 512, device=device, dtype=dtype, requires_grad=True)
-    t_moe = timeit(lambda: moe(x).float().sum().backward(), device, reps)
-    t_dense = timeit(lambda: dense(x).float().sum().backward(), device, reps)
+    g = torch.randn(T, 512, device=device, dtype=dtype)  # a dense output gradient, as in benchmarks/layer.py
+    t_moe = timeit(lambda: moe(x).backward(g), device, reps)
+    t_dense = timeit(lambda: dense(x).backward(g), device, reps)
     return {"T": T, "moe_ms": 1e3 * t_moe, "dense_ms": 1e3 * t_dense, "moe_over_dense": t_moe / t_dense}
 
 

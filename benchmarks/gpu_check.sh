@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check for a lent GPU machine: build the CUDA extension with the machine's own
-# torch, then check and time everything on the card in one go (see benchmarks/gpu_check.py).
+# torch, run the op tests on the card (tests/test_ops.py and tests/test_experts.py with
+# MOE_TEST_DEVICE=cuda), then check and time everything on the card in one go (benchmarks/gpu_check.py).
+# A failing test does not stop the timings (a GPU session is short): its summary line is printed last.
 # Usage there:  bash benchmarks/gpu_check.sh [--json $OUT/gpu_check.json]
 # (needs omegaconf, pyyaml and safetensors importable; carry them as wheels if the machine lacks them)
 set -euo pipefail
@@ -12,4 +14,9 @@ start=$(date +%s)
 $PY setup.py build_ext --inplace 2>&1 | tail -n 3
 echo "extension build: $(( $(date +%s) - start )) s"
 $PY -c "from moe import ops; print('dispatch backend:', ops.dispatch_backend('auto'))"
-timeout 420 $PY -m benchmarks.gpu_check --device cuda --dtype bf16 "$@"
+start=$(date +%s)
+tests=$(MOE_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
+        2>&1 | tee /dev/stderr | tail -n 1) || true
+echo "op tests on cuda: $(( $(date +%s) - start )) s"
+timeout 300 $PY -m benchmarks.gpu_check --device cuda --dtype bf16 "$@"
+echo "op tests on cuda: ${tests:-no summary (timed out?)}"

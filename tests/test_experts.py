@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -14,14 +16,18 @@ def reference(x, w13, w2, counts):
     return torch.cat(outs)
 
 
+DEVICE = torch.device(os.environ.get("MOE_TEST_DEVICE", "cpu"))  # cuda: benchmarks/gpu_check.sh
+HAVE_GROUPED_MM = DEVICE.type == "cuda" and hasattr(torch, "_grouped_mm")
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2]])
 @pytest.mark.parametrize("impl", ["loop", "padded"])
 def test_expert_impls_match_reference_forward_and_backward(impl, counts):
     torch.manual_seed(0)
     n = sum(counts)
-    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
-    w13 = torch.randn(4, 8, 6, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(4, 6, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w13 = torch.randn(4, 8, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(4, 6, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = EXPERT_IMPLS[impl](x, w13, w2, counts)
     ref = reference(x, w13, w2, counts)
     torch.testing.assert_close(out, ref)
@@ -30,6 +36,28 @@ def test_expert_impls_match_reference_forward_and_backward(impl, counts):
     want = torch.autograd.grad(ref, (x, w13, w2), g, allow_unused=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
+
+
+@pytest.mark.skipif(not HAVE_GROUPED_MM, reason="torch._grouped_mm: CUDA only (MOE_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("counts", [[64, 0, 48, 16], [128, 0, 0, 0], [32, 32, 32, 32]])
+def test_grouped_impl_matches_loop_in_bf16(counts):
+    """`grouped` (one torch._grouped_mm per projection) against `loop` in bf16 and the fp64 reference:
+    its error at most twice the loop's. Segments are multiples of 16 rows, as grouped GEMMs expect."""
+    g = torch.Generator().manual_seed(0)
+    n, d, h = sum(counts), 64, 96
+    base = [torch.randn(n, d, generator=g), torch.randn(4, 2 * h, d, generator=g) / d ** 0.5,
+            torch.randn(4, d, h, generator=g) / h ** 0.5]
+    grad = torch.randn(n, d, generator=g)
+
+    def run(impl, dtype):
+        x, w13, w2 = [t.to(DEVICE, dtype).requires_grad_() for t in base]
+        out = EXPERT_IMPLS[impl](x, w13, w2, counts)
+        grads = torch.autograd.grad(out, (x, w13, w2), grad.to(DEVICE, dtype))
+        return [t.double() for t in (out, *grads)]
+
+    exact = run("loop", torch.float64)
+    for got, loop, want in zip(run("grouped", torch.bfloat16), run("loop", torch.bfloat16), exact):
+        assert (got - want).abs().max() <= 2 * (loop - want).abs().max() + 1e-3
 
 
 def test_reference_grouped_swiglu_gradcheck():

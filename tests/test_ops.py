@@ -2,6 +2,8 @@
 
 Tests that need the built extension skip when it is not built; the nvcc test compiles every
 moe/csrc/*.cu for sm_90 (skipped only when nvcc is absent) so the CUDA kernels never rot.
+MOE_TEST_DEVICE=cuda runs the op tests on the GPU instead (benchmarks/gpu_check.sh does); the tests
+of CPU-only machinery (instruction-set variants, the build) then skip.
 """
 import os
 import shutil
@@ -16,16 +18,24 @@ from moe.ops import build_routing_index_reference, permute_reference, unpermute_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "moe", "csrc")
-HAVE_EXT = ops.extension_available()
+DEVICE = torch.device(os.environ.get("MOE_TEST_DEVICE", "cpu"))
+HAVE_EXT = ops.extension_available() and DEVICE.type in ops._extension_devices().split(",")
 needs_ext = pytest.mark.skipif(
-    not HAVE_EXT, reason="moe._C is not built: run `.venv/bin/pip install --no-build-isolation -e .`")
+    not HAVE_EXT, reason=f"moe._C is not built with {DEVICE.type} kernels: run `.venv/bin/pip install "
+                         "--no-build-isolation -e .`")
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU-only machinery")
 EXT = "extension"
 
 
 # ------------------------------------------------------------------------------------------ cases
 
 def _case(name, seed=0):
-    """(expert_indices [T, k], num_experts, capacity, priority) for a named edge case."""
+    """(expert_indices [T, k], num_experts, capacity, priority) for a named edge case, on DEVICE."""
+    ei, E, cap, pr = _cpu_case(name, seed)
+    return ei.to(DEVICE), E, cap, None if pr is None else pr.to(DEVICE)
+
+
+def _cpu_case(name, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def uniform(T, k, E):  # k distinct experts per token, like top-k
@@ -123,8 +133,8 @@ def test_routing_index_random(seed):
     T = int(torch.randint(1, 2000, (1,), generator=g))
     E = int(torch.randint(1, 40, (1,), generator=g))
     k = int(torch.randint(1, E + 1, (1,), generator=g))
-    ei = torch.randint(0, E, (T, k), generator=g)  # duplicates within a token allowed
-    pr = torch.rand(T, k, generator=g).mul(8).floor() if seed % 2 else None  # many ties
+    ei = torch.randint(0, E, (T, k), generator=g).to(DEVICE)  # duplicates within a token allowed
+    pr = torch.rand(T, k, generator=g).mul(8).floor().to(DEVICE) if seed % 2 else None  # many ties
     for cap in (None, 0, 1, max(1, T * k // E // 2), T * k):
         ref = build_routing_index_reference(ei, E, cap, pr)
         _assert_index_equal(ops.build_routing_index(ei, E, cap, pr, backend=EXT), ref)
@@ -133,20 +143,20 @@ def test_routing_index_random(seed):
 @needs_ext
 def test_routing_index_rejects_bad_experts():
     with pytest.raises(RuntimeError, match="expert index"):
-        ops.build_routing_index(torch.tensor([[0, 4]]), 4, backend=EXT)
+        ops.build_routing_index(torch.tensor([[0, 4]], device=DEVICE), 4, backend=EXT)
     with pytest.raises(RuntimeError, match="expert index"):
-        ops.build_routing_index(torch.tensor([[-1, 0]]), 4, backend=EXT)
+        ops.build_routing_index(torch.tensor([[-1, 0]], device=DEVICE), 4, backend=EXT)
 
 
 # -------------------------------------------------------------------------- permute / unpermute
 
 def _data(index, T, d, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, d, generator=g).to(dtype)
-    y = torch.randn(index.num_rows, d, generator=g).to(dtype)
-    w = torch.rand(*index.dest_rows.shape, generator=g)
-    gout = torch.randn(T, d, generator=g).to(dtype)
-    gperm = torch.randn(index.num_rows, d, generator=g).to(dtype)
+    x = torch.randn(T, d, generator=g).to(DEVICE, dtype)
+    y = torch.randn(index.num_rows, d, generator=g).to(DEVICE, dtype)
+    w = torch.rand(*index.dest_rows.shape, generator=g).to(DEVICE)
+    gout = torch.randn(T, d, generator=g).to(DEVICE, dtype)
+    gperm = torch.randn(index.num_rows, d, generator=g).to(DEVICE, dtype)
     return x, y, w, gout, gperm
 
 
@@ -191,17 +201,17 @@ def test_strided_inputs(layout):
     g = torch.Generator().manual_seed(3)
 
     def strided(rows):
-        base = torch.randn(2 * rows, 2 * d, generator=g)
+        base = torch.randn(2 * rows, 2 * d, generator=g).to(DEVICE)
         if layout == "row_strided":
             return base[::2, :d]
         if layout == "col_strided":
             return base[:rows, ::2]
         if layout == "transposed":
-            return torch.randn(d, rows, generator=g).t()
+            return torch.randn(d, rows, generator=g).to(DEVICE).t()
         return base[:1, :d].expand(rows, d)
 
     x, y, gout = strided(T), strided(index.num_rows), strided(T)
-    w = torch.rand(T * 2, 2, generator=g)[::2]  # non-contiguous gate weights too
+    w = torch.rand(T * 2, 2, generator=g).to(DEVICE)[::2]  # non-contiguous gate weights too
     assert not x.is_contiguous()
     torch.testing.assert_close(ops.permute(x, index, backend=EXT), permute_reference(x, index), rtol=0, atol=0)
     out, (gy, gw) = _grads(lambda a, b: ops.unpermute(a, index, b, backend=EXT), [y, w], gout)
@@ -212,7 +222,7 @@ def test_strided_inputs(layout):
     # strided incoming gradients, straight into the backward ops
     gperm = strided(index.num_rows)
     torch.testing.assert_close(torch.ops.moe.unpermute(gperm, index.dest_rows, None),
-                               unpermute_reference(gperm, index, torch.ones(T, 2)))
+                               unpermute_reference(gperm, index, torch.ones(T, 2, device=DEVICE)))
     gy2, gw2 = torch.ops.moe.unpermute_backward(gout, y, index.dest_rows, w)
     torch.testing.assert_close(gy2, gy_ref)
     torch.testing.assert_close(gw2, gw_ref)
@@ -221,7 +231,7 @@ def test_strided_inputs(layout):
 @needs_ext
 def test_multidim_rows():
     index = _index("cap_priority", EXT)
-    x = torch.randn(index.dest_rows.shape[0], 3, 5)
+    x = torch.randn(index.dest_rows.shape[0], 3, 5, device=DEVICE)
     torch.testing.assert_close(ops.permute(x, index, backend=EXT), permute_reference(x, index), rtol=0, atol=0)
 
 
@@ -231,9 +241,9 @@ def test_gradcheck_float64():
     small = _index("k_eq_E_cap", EXT)
     for idx in (index, small):
         T = idx.dest_rows.shape[0]
-        x = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
-        y = torch.randn(idx.num_rows, 5, dtype=torch.float64, requires_grad=True)
-        w = torch.rand(T, idx.dest_rows.shape[1], dtype=torch.float64, requires_grad=True)
+        x = torch.randn(T, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        y = torch.randn(idx.num_rows, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        w = torch.rand(T, idx.dest_rows.shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
         assert torch.autograd.gradcheck(lambda a: ops.permute(a, idx, backend=EXT), (x,))
         assert torch.autograd.gradcheck(lambda a, b: ops.unpermute(a, idx, b, backend=EXT), (y, w))
         assert torch.autograd.gradgradcheck(lambda a: ops.permute(a, idx, backend=EXT), (x,))
@@ -248,11 +258,11 @@ def test_bitwise_deterministic():
     def run():
         idx = ops.build_routing_index(ei, E, cap, pr, backend=EXT)
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(ei.shape[0], d, generator=g, requires_grad=True)
-        w = torch.rand(*ei.shape, generator=g, requires_grad=True)
+        x = torch.randn(ei.shape[0], d, generator=g).to(DEVICE).requires_grad_()
+        w = torch.rand(*ei.shape, generator=g).to(DEVICE).requires_grad_()
         h = ops.permute(x, idx, backend=EXT)
         out = ops.unpermute(h * 1.5 + 0.25, idx, w, backend=EXT)
-        out.backward(torch.randn(out.shape, generator=g))
+        out.backward(torch.randn(out.shape, generator=g).to(DEVICE))
         return [idx.dest_rows, idx.source_tokens, h, out, x.grad, w.grad]
 
     for a, b in zip(run(), run()):
@@ -280,6 +290,7 @@ def assert_cpu_isa_variants_identical(run):
 
 
 @needs_ext
+@cpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_isa_variants_identical(dtype):
     """The baseline and AVX2 builds of the CPU row kernels give bitwise identical results."""
@@ -307,8 +318,8 @@ def test_torch_compile_permute_unpermute():
         return ops.unpermute(torch.tanh(h), idx, w, backend=EXT)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(T, d, requires_grad=True)
-    w = torch.rand(T, 2, requires_grad=True)
+    x = torch.randn(T, d, device=DEVICE, requires_grad=True)
+    w = torch.rand(T, 2, device=DEVICE, requires_grad=True)
     out_c = compiled(x, w, index)
     gx_c, gw_c = torch.autograd.grad(out_c.square().sum(), (x, w))
     out_e = f(x, w, index)
@@ -329,8 +340,8 @@ def test_torch_compile_routing_index_in_graph():
         return ops.unpermute(ops.permute(x, idx, backend=EXT) * 2, idx, w, backend=EXT), idx.tokens_per_expert
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(ei.shape[0], 8, requires_grad=True)
-    w = torch.rand(*ei.shape, requires_grad=True)
+    x = torch.randn(ei.shape[0], 8, device=DEVICE, requires_grad=True)
+    w = torch.rand(*ei.shape, device=DEVICE, requires_grad=True)
     out_c, tpe_c = compiled(x, w, ei, pr)
     out_e, tpe_e = f(x, w, ei, pr)
     torch.testing.assert_close(out_c, out_e)
@@ -347,19 +358,20 @@ def test_opcheck():
     ei, E, cap, pr = _case("cap_priority")
     idx = ops.build_routing_index(ei, E, cap, pr, backend=EXT)
     T = ei.shape[0]
-    x = torch.randn(T, 8, requires_grad=True)
-    y = torch.randn(idx.num_rows, 8, requires_grad=True)
-    w = torch.rand(T, 2, requires_grad=True)
+    x = torch.randn(T, 8, device=DEVICE, requires_grad=True)
+    y = torch.randn(idx.num_rows, 8, device=DEVICE, requires_grad=True)
+    w = torch.rand(T, 2, device=DEVICE, requires_grad=True)
     cases = [("routing_index", (ei, E, cap, pr)), ("routing_index", (ei, E, None, None)),
              ("permute", (x, idx.dest_rows, idx.num_rows)), ("unpermute", (y, idx.dest_rows, w)),
              ("unpermute", (y, idx.dest_rows, None)),
-             ("unpermute_backward", (torch.randn(T, 8), y.detach(), idx.dest_rows, w.detach()))]
+             ("unpermute_backward", (torch.randn(T, 8, device=DEVICE), y.detach(), idx.dest_rows, w.detach()))]
     for name, args in cases:
         result = torch.library.opcheck(getattr(torch.ops.moe, name).default, args)
         assert all(v == "SUCCESS" for v in result.values()), (name, result)
 
 
 @needs_ext
+@cpu_only
 def test_meta_tensors():
     idx = _index("cap_priority", EXT)
     x = torch.empty(idx.dest_rows.shape[0], 7, device="meta")
@@ -476,6 +488,7 @@ def jobs(tmp_path_factory):
             job.proc.kill()
 
 
+@cpu_only
 def test_import_without_extension(jobs):
     """`import moe.ops` and the reference path work when moe._C cannot be imported."""
     rc, out, err = jobs[0]["no_ext"].result()
@@ -483,12 +496,14 @@ def test_import_without_extension(jobs):
 
 
 @needs_ext
+@cpu_only
 def test_first_use_inside_torch_compile(jobs):
     """moe._C may be loaded for the first time while Dynamo traces (fullgraph)."""
     rc, out, err = jobs[0]["first_use"].result()
     assert rc == 0 and out.strip().endswith("ok"), out + err[-3000:]
 
 
+@cpu_only
 @pytest.mark.parametrize("cu", CU_FILES)
 def test_cuda_kernels_compile(cu, jobs):
     """`nvcc -arch=sm_90 -c` on each moe/csrc/*.cu (no CUDA torch needed), so the kernels never rot."""
@@ -498,6 +513,7 @@ def test_cuda_kernels_compile(cu, jobs):
     assert (jobs[1] / (cu + ".o")).stat().st_size > 0
 
 
+@cpu_only
 def test_cuda_binding_compiles(jobs):
     """Syntax check of dispatch_cuda.cpp, the torch binding of the CUDA kernels."""
     job = jobs[0]["binding"]
