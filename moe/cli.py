@@ -279,6 +279,10 @@ def cmd_info(args) -> None:
     rows.append(("dispatch backend", ops.dispatch_backend("auto")
                  + ("" if ops.extension_available() else " (compiled extension not built)")
                  + (" [forced by MOE_DISPATCH]" if os.environ.get("MOE_DISPATCH") else "")))
+    from moe.host_memory import can_keep_freed_memory
+
+    rows.append(("host memory", "training keeps freed memory for reuse (train.keep_freed_memory)"
+                 if can_keep_freed_memory() else "the system allocator's default (train.keep_freed_memory needs glibc)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -34,6 +34,11 @@ def _libc():
         return None
 
 
+def can_keep_freed_memory() -> bool:
+    """Whether `keep_freed_memory` can take effect here (Linux with glibc), without applying it."""
+    return _libc() is not None
+
+
 def keep_freed_memory() -> bool:
     """Large freed blocks stay in the process (glibc: no mmap-ed blocks, no heap trimming). Process-wide
     and idempotent; returns whether it is in effect (False on other platforms and C libraries, e.g.

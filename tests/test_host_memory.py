@@ -51,3 +51,9 @@ def test_keep_freed_memory_is_idempotent():
     code = "from moe.host_memory import keep_freed_memory as k; print(k(), k())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_moe_info_reports_the_policy():
+    out = subprocess.run([sys.executable, "-m", "moe.cli", "info"], capture_output=True, text=True, check=True)
+    assert host_memory.can_keep_freed_memory()
+    assert "host memory" in out.stdout and "training keeps freed memory for reuse" in out.stdout
