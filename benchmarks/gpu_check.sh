@@ -4,11 +4,24 @@
 # MOE_TEST_DEVICE=cuda), then check and time everything on the card in one go (benchmarks/gpu_check.py).
 # A failing test does not stop the timings (a GPU session is short): its summary line is printed last.
 # Usage there:  bash benchmarks/gpu_check.sh [--json $OUT/gpu_check.json]
-# (needs omegaconf, pyyaml and safetensors importable; carry them as wheels if the machine lacks them)
+# Needs torch, pytest, pyyaml and omegaconf. The lent machines' image lacks omegaconf: fetch its wheel
+# here first (it is pure Python) into the git-ignored .whl/ and carry that folder (the device tool's
+# `carry: [".whl"]`):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl omegaconf==2.4.0
+# and this script installs whatever .whl/ holds into /tmp/moe-site when omegaconf is not importable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
+if ! $PY -c "import omegaconf" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moe-site .whl/*.whl
+        export PYTHONPATH=/tmp/moe-site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "omegaconf is not importable and .whl/ holds no wheels: see the header of $0" >&2
+        exit 2
+    fi
+fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))"
 start=$(date +%s)
 $PY setup.py build_ext --inplace 2>&1 | tail -n 3
