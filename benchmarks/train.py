@@ -75,13 +75,19 @@ def main(argv=None) -> dict:
         med = statistics.median(times[name])
         result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}
     result["moe_over_dense"] = result["moe"]["tokens_per_s"] / result["dense"]["tokens_per_s"]
+    # the same ratio step by step (each MoE step against the dense step right before it): its quartiles
+    # show the noise left in the median
+    per_step = [d / m for d, m in zip(times["dense"], times["moe"])]
+    q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+    result["moe_over_dense_p25"], result["moe_over_dense_p75"] = q[0], q[2]
     print(f"training step, {tokens} tokens/step, median of {args.steps} alternating steps, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':<8}{'params active':>15}{'params total':>14}{'step ms':>10}{'tokens/s':>11}")
     for name in ("dense", "moe"):
         r = result[name]
         print(f"{name:<8}{r['params_active']:>15,}{r['params_total']:>14,}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11,.0f}")
-    print(f"MoE / dense tokens/s: {result['moe_over_dense']:.3f}")
+    print(f"MoE / dense tokens/s: {result['moe_over_dense']:.3f} "
+          f"(per step: quartiles {result['moe_over_dense_p25']:.3f}-{result['moe_over_dense_p75']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -40,6 +40,7 @@ def test_train_benchmark_reports_the_ratio(tmp_path):
                          tmp_path=tmp_path)
     assert res["freed_memory_reused"] is False and res["tokens_per_step"] == 64
     assert res["moe"]["tokens_per_s"] > 0 and res["dense"]["tokens_per_s"] > 0
+    assert 0 < res["moe_over_dense_p25"] <= res["moe_over_dense_p75"]
     assert "MoE / dense tokens/s" in stdout
 
 
