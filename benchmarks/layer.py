@@ -36,6 +36,8 @@ import time
 import torch
 from torch import nn
 
+from benchmarks import quartiles
+
 D_MODEL, HIDDEN, EXPERTS, TOP_K = 512, 1024, 8, 2
 
 
@@ -141,11 +143,10 @@ def main(argv=None) -> dict:
         med = {name: statistics.median(ts) for name, ts in times.items()}
         # ratios within each round (every implementation ran once, back to back), then their median and
         # quartiles: slow drifts of the machine cancel, the spread shows what noise is left
-        ratios = {name: sorted(t / d for t, d in zip(ts, times["dense"])) for name, ts in times.items()}
-        quart = {name: statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3 for name, r in ratios.items()}
+        quart = {name: quartiles([t / d for t, d in zip(ts, times["dense"])]) for name, ts in times.items()}
         results["shapes"][str(T)] = {
-            name: {"ms": 1e3 * med[name], "vs_dense": statistics.median(ratios[name]),
-                   "vs_dense_p25": quart[name][0], "vs_dense_p75": quart[name][2]} for name in impls}
+            name: {"ms": 1e3 * med[name], "vs_dense": quart[name][1], "vs_dense_p25": quart[name][0],
+                   "vs_dense_p75": quart[name][2]} for name in impls}
         print(f"\nT={T}, d={D_MODEL}, expert hidden {HIDDEN}, E={EXPERTS}, k={TOP_K}; forward+backward, "
               f"median of {args.reps}, {torch.get_num_threads()} threads"
               f"{', gradients set to None before each pass' if args.zero_grad else ''}"

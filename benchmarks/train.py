@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from benchmarks import quartiles
+
 
 def build(cfg_path: str, overrides):
     from moe.config import load_config, validate
@@ -77,9 +79,8 @@ def main(argv=None) -> dict:
     result["moe_over_dense"] = result["moe"]["tokens_per_s"] / result["dense"]["tokens_per_s"]
     # the same ratio step by step (each MoE step against the dense step right before it): its quartiles
     # show the noise left in the median
-    per_step = [d / m for d, m in zip(times["dense"], times["moe"])]
-    q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
-    result["moe_over_dense_p25"], result["moe_over_dense_p75"] = q[0], q[2]
+    p25, _, p75 = quartiles([d / m for d, m in zip(times["dense"], times["moe"])])
+    result["moe_over_dense_p25"], result["moe_over_dense_p75"] = p25, p75
     print(f"training step, {tokens} tokens/step, median of {args.steps} alternating steps, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':<8}{'params active':>15}{'params total':>14}{'step ms':>10}{'tokens/s':>11}")

@@ -1,10 +1,9 @@
-import os
-
 import pytest
 import torch
 
 from moe import ops
 from moe.experts import EXPERT_IMPLS, Experts, _GroupedSwiGLU, swiglu
+from tests.device import DEVICE
 
 
 def reference(x, w13, w2, counts):
@@ -16,7 +15,6 @@ def reference(x, w13, w2, counts):
     return torch.cat(outs)
 
 
-DEVICE = torch.device(os.environ.get("MOE_TEST_DEVICE", "cpu"))  # cuda: benchmarks/gpu_check.sh
 HAVE_GROUPED_MM = DEVICE.type == "cuda" and hasattr(torch, "_grouped_mm")
 
 

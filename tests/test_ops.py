@@ -15,10 +15,10 @@ import torch
 
 from moe import ops
 from moe.ops import build_routing_index_reference, permute_reference, unpermute_reference
+from tests.device import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "moe", "csrc")
-DEVICE = torch.device(os.environ.get("MOE_TEST_DEVICE", "cpu"))
 HAVE_EXT = ops.extension_available() and DEVICE.type in ops._extension_devices().split(",")
 needs_ext = pytest.mark.skipif(
     not HAVE_EXT, reason=f"moe._C is not built with {DEVICE.type} kernels: run `.venv/bin/pip install "
