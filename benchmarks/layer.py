@@ -8,6 +8,8 @@ Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 - dense:            a SwiGLU FFN of hidden k * 1024 = 2048: the same active FLOPs per token;
 - ours dropless:    moe.layer.MoELayer, top-2 softmax router, no capacity (the training default);
 - ours cf=1.0:      the same with capacity factor 1.0 (tokens over capacity dropped);
+- ours + _grouped_mm: ours dropless with the experts as torch._grouped_mm (model.moe.experts_impl=grouped,
+                    what torchtitan uses) instead of our compiled grouped SwiGLU;
 - deepspeed:        deepspeed.moe.layer.MoE, the same SwiGLU experts, drop_tokens=False (dropless)
                     and capacity factor 1.0 with drop_tokens=True;
 - hf-mixtral:       transformers' MixtralSparseMoeBlock (per-expert Python loop), when installed.
@@ -58,9 +60,13 @@ def build_impls(tokens: int):
 
     impls = {}
     impls["dense"] = DenseFFN(D_MODEL, TOP_K * HIDDEN, 0.02, 0.02)
-    for name, cf in (("ours dropless", 0.0), ("ours cf=1.0", 1.0)):
+    variants = [("ours dropless", 0.0, "auto"), ("ours cf=1.0", 1.0, "auto")]
+    if hasattr(torch, "_grouped_mm"):
+        variants.append(("ours + _grouped_mm", 0.0, "grouped"))
+    for name, cf, experts_impl in variants:
         cfg = load_config(None, ["model.vocab_size=16", f"model.moe.num_experts={EXPERTS}", f"model.moe.top_k={TOP_K}",
-                                 f"model.moe.expert_hidden={HIDDEN}", f"model.moe.capacity_factor={cf}"]).model.moe
+                                 f"model.moe.expert_hidden={HIDDEN}", f"model.moe.capacity_factor={cf}",
+                                 f"model.moe.experts_impl={experts_impl}"]).model.moe
         impls[name] = MoELayer(D_MODEL, HIDDEN, cfg, 0.02, 0.02)
     try:
         impls.update(_deepspeed_layers())

@@ -127,7 +127,10 @@ class MoEConfig:
     """Token permutation backend: `auto` (compiled extension when built, else reference),
     `extension` or `reference` (pure PyTorch). MOE_DISPATCH=reference in the environment forces it."""
     experts_impl: str = "auto"
-    """Expert computation backend by registry name (see moe/experts.py): `auto`, `loop`, `grouped`."""
+    """Expert computation backend by registry name (see moe/experts.py): `loop` (one GEMM per expert;
+    on CPU with the extension one compiled grouped SwiGLU), `padded` (one batched GEMM over segments
+    padded to the largest), `grouped` (torch._grouped_mm, no host sync; needs d_model and
+    expert_hidden multiples of 8), or `auto`: `grouped` on CUDA in bf16 (autocast included), else `loop`."""
 
 
 @dataclass
@@ -482,6 +485,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
         _check(moe.experts_impl == "auto" or moe.experts_impl in EXPERT_IMPLS,
                f"model.moe.experts_impl: unknown {moe.experts_impl!r}; known: auto, {', '.join(sorted(EXPERT_IMPLS))}")
+        if moe.experts_impl == "grouped":  # bf16 rows (the strictest dtype it runs in) of whole 16-byte units
+            import torch
+
+            from moe.experts import grouped_mm_shape_error
+
+            why = grouped_mm_shape_error(m.d_model, expert_hidden(m), torch.bfloat16)
+            _check(why is None, f"model.moe.experts_impl=grouped: {why}")
         ROUTERS[moe.router].validate_config(moe)
         _check(p.ep_size >= 1 and moe.num_experts % p.ep_size == 0,
                f"parallel.ep_size ({p.ep_size}) must divide model.moe.num_experts ({moe.num_experts})")

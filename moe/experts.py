@@ -9,12 +9,19 @@ layout as an nn.Linear weight) and `w2 [E, d, h]`. Rows arrive already sorted by
   every thread runs single-threaded GEMMs on an equal share of rows, and a fused SwiGLU); the Python
   `_GroupedSwiGLU` below is its reference.
 - `padded`: pad every expert to the largest segment and run one batched GEMM (wasted FLOPs, one call).
-- `grouped`: `torch._grouped_mm` (one kernel for all experts; CUDA with bf16, Hopper-class GPUs).
+- `grouped`: `torch._grouped_mm`, one call per projection for all experts, the segment offsets read
+  on the device: no host sync. CUTLASS kernels on Hopper-class GPUs in bf16 (`auto` picks it there),
+  torch's fallback elsewhere (CPU: fp32, bf16). Rows must be 16-byte multiples: d_model and
+  expert_hidden multiples of 8 (checked with the config).
+
+Every backend takes the counts as a tensor; those that need them on the host (`loop`, `padded`) read
+them there. torch._grouped_mm is not an autocast op (pytorch#174763), so under autocast `grouped`
+casts its operands to the autocast dtype itself, as autocast does for the loop's torch.mm.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,16 +106,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return grad_x, grad_w13, grad_w2, None
 
 
-def _loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
+def _loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
-    return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, counts)
+    return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, counts.tolist())  # one host sync: segment bounds
 
 
-def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
+def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     E, d = w13.shape[0], x.shape[1]
-    cap = max(max(counts), 1)
-    counts_t = torch.tensor(counts, device=x.device)
+    counts_t = counts.to(device=x.device, dtype=torch.long)
+    cap = max(int(counts_t.max()), 1)  # host sync: the padded shape
     offsets = torch.cumsum(counts_t, 0) - counts_t
     slot = torch.arange(cap, device=x.device)
     valid = slot.unsqueeze(0) < counts_t.unsqueeze(1)  # [E, cap]
@@ -121,19 +128,48 @@ def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) 
     return y[flat_valid]
 
 
-def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list) -> torch.Tensor:
-    offs = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
+GROUPED_MM_ALIGN_BYTES = 16  # torch._grouped_mm: every row stride a multiple of 16 bytes
+
+
+def grouped_mm_shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Optional[str]:
+    """Why torch._grouped_mm cannot run these experts in `dtype` (None when it can)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"this torch ({torch.__version__}) has no torch._grouped_mm"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch._grouped_mm takes float32, bfloat16 or float16, not {dtype}"
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, n in (("d_model", d_model), ("expert_hidden", hidden)):
+        if n * size % GROUPED_MM_ALIGN_BYTES:
+            return (f"torch._grouped_mm needs rows of a multiple of {GROUPED_MM_ALIGN_BYTES} bytes: {name}={n} in "
+                    f"{dtype} is {n * size} bytes (use a multiple of {GROUPED_MM_ALIGN_BYTES // size})")
+    return None
+
+
+def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    dtype = _autocast_dtype(x.device) or x.dtype
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    # int32 end offset of each expert's segment, computed on the device: no host sync
+    offs = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)
     h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
     return torch._grouped_mm(swiglu(h), w2.transpose(1, 2), offs=offs)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs matmuls in on this device type, or None when autocast is off."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 EXPERT_IMPLS: Dict[str, Callable] = {"loop": _loop, "padded": _padded, "grouped": _grouped}
 
 
-def resolve_experts_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_experts_impl(name: str, device: torch.device, dtype: torch.dtype, d_model: int, hidden: int) -> str:
+    """The backend `name` names; `auto`: `grouped` on CUDA in bf16 (the dtype the GEMMs run in: the
+    autocast dtype when autocast is on) when the shapes allow it, else `loop`."""
     if name != "auto":
         return name
-    if device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    if device.type == "cuda" and dtype == torch.bfloat16 and grouped_mm_shape_error(d_model, hidden, dtype) is None:
         return "grouped"
     return "loop"
 
@@ -153,11 +189,15 @@ class Experts(nn.Module):
         nn.init.normal_(self.w2, std=out_std)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        impl = resolve_experts_impl(self.impl, x.device, x.dtype)
+        compute_dtype = _autocast_dtype(x.device) or x.dtype
+        impl = resolve_experts_impl(self.impl, x.device, compute_dtype, self.d_model, self.hidden)
         if impl == "loop" and ops.grouped_swiglu_supported(self.backend, x):
             return ops.grouped_swiglu(x, self.w13, self.w2, tokens_per_expert)
-        counts = tokens_per_expert.tolist()  # one host sync per layer; segment bounds need it anyway
-        return EXPERT_IMPLS[impl](x, self.w13, self.w2, counts)
+        if impl == "grouped":
+            why = grouped_mm_shape_error(self.d_model, self.hidden, compute_dtype)
+            if why is not None:
+                raise ValueError(f"model.moe.experts_impl=grouped: {why}")
+        return EXPERT_IMPLS[impl](x, self.w13, self.w2, tokens_per_expert)
 
 
 def expert_init_stds(init_std: float, n_layers: int) -> tuple:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe import ops
 from moe.host_memory import can_keep_freed_memory
@@ -28,6 +29,7 @@ def test_layer_benchmark_reports_every_implementation_against_dense(tmp_path):
     assert res["zero_grad"] is True and res["freed_memory_reused"] is can_keep_freed_memory()
     rows = res["shapes"]["64"]
     assert {"dense", "ours dropless", "ours cf=1.0"} <= set(rows)
+    assert ("ours + _grouped_mm" in rows) == hasattr(torch, "_grouped_mm")
     assert rows["dense"]["vs_dense"] == 1.0
     for name, r in rows.items():
         assert r["ms"] > 0 and r["vs_dense_p25"] <= r["vs_dense"] <= r["vs_dense_p75"], name

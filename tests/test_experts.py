@@ -15,47 +15,77 @@ def reference(x, w13, w2, counts):
     return torch.cat(outs)
 
 
-HAVE_GROUPED_MM = DEVICE.type == "cuda" and hasattr(torch, "_grouped_mm")
+HAVE_GROUPED_MM = hasattr(torch, "_grouped_mm")
+needs_grouped_mm = pytest.mark.skipif(not HAVE_GROUPED_MM, reason=f"torch {torch.__version__} has no _grouped_mm")
+# On CUDA the grouped GEMM's CUTLASS kernels run bf16 only (torch's fallback elsewhere); on CPU its
+# fallback runs fp32 and bf16.
+GROUPED_DTYPES = [torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2]])
-@pytest.mark.parametrize("impl", ["loop", "padded"])
-def test_expert_impls_match_reference_forward_and_backward(impl, counts):
-    torch.manual_seed(0)
-    n = sum(counts)
-    x = torch.randn(n, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w13 = torch.randn(4, 8, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w2 = torch.randn(4, 6, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out = EXPERT_IMPLS[impl](x, w13, w2, counts)
-    ref = reference(x, w13, w2, counts)
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, w13, w2), g)
-    want = torch.autograd.grad(ref, (x, w13, w2), g, allow_unused=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
-
-
-@pytest.mark.skipif(not HAVE_GROUPED_MM, reason="torch._grouped_mm: CUDA only (MOE_TEST_DEVICE=cuda)")
-@pytest.mark.parametrize("counts", [[64, 0, 48, 16], [128, 0, 0, 0], [32, 32, 32, 32]])
-def test_grouped_impl_matches_loop_in_bf16(counts):
-    """`grouped` (one torch._grouped_mm per projection) against `loop` in bf16 and the fp64 reference:
-    its error at most twice the loop's. Segments are multiples of 16 rows, as grouped GEMMs expect."""
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", GROUPED_DTYPES, ids=str)
+@pytest.mark.parametrize("counts", [[64, 0, 48, 16], [128, 0, 0, 0], [32, 32, 32, 32], [13, 0, 50, 1],
+                                    [0, 0, 0, 0]], ids=str)
+def test_grouped_impl_matches_loop(counts, dtype):
+    """`grouped` (one torch._grouped_mm per projection, device offsets) against `loop` in the same dtype
+    and the fp64 reference, forward and all three gradients: its error at most twice the loop's.
+    Segments of any length (odd, empty, none at all)."""
     g = torch.Generator().manual_seed(0)
     n, d, h = sum(counts), 64, 96
     base = [torch.randn(n, d, generator=g), torch.randn(4, 2 * h, d, generator=g) / d ** 0.5,
             torch.randn(4, d, h, generator=g) / h ** 0.5]
     grad = torch.randn(n, d, generator=g)
 
-    def run(impl, dtype):
-        x, w13, w2 = [t.to(DEVICE, dtype).requires_grad_() for t in base]
-        out = EXPERT_IMPLS[impl](x, w13, w2, counts)
-        grads = torch.autograd.grad(out, (x, w13, w2), grad.to(DEVICE, dtype))
-        return [t.double() for t in (out, *grads)]
+    def run(impl, dt):
+        x, w13, w2 = [t.to(DEVICE, dt).requires_grad_() for t in base]
+        out = EXPERT_IMPLS[impl](x, w13, w2, torch.tensor(counts, device=DEVICE))
+        grads = torch.autograd.grad(out, (x, w13, w2), grad.to(DEVICE, dt), allow_unused=True)
+        return [t.double() for t in (out, *(torch.zeros_like(a) if gr is None else gr
+                                             for a, gr in zip((x, w13, w2), grads)))]
 
     exact = run("loop", torch.float64)
-    for got, loop, want in zip(run("grouped", torch.bfloat16), run("loop", torch.bfloat16), exact):
-        assert (got - want).abs().max() <= 2 * (loop - want).abs().max() + 1e-3
+    for got, loop, want in zip(run("grouped", dtype), run("loop", dtype), exact):
+        assert torch.isfinite(got).all()
+        if want.numel():
+            assert (got - want).abs().max() <= 2 * (loop - want).abs().max() + 1e-5
+
+
+@needs_grouped_mm
+def test_grouped_impl_casts_to_the_autocast_dtype():
+    """torch._grouped_mm is no autocast op: under autocast `grouped` runs in the autocast dtype itself."""
+    counts = torch.tensor([5, 0, 11], device=DEVICE)
+    x = torch.randn(16, 32, device=DEVICE)
+    w13, w2 = torch.randn(3, 48, 32, device=DEVICE), torch.randn(3, 32, 24, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = EXPERT_IMPLS["grouped"](x, w13, w2, counts)
+    assert out.dtype == torch.bfloat16
+    want = EXPERT_IMPLS["grouped"](x.bfloat16(), w13.bfloat16(), w2.bfloat16(), counts)
+    assert torch.equal(out, want)
+
+
+def test_auto_picks_grouped_on_cuda_bf16_with_aligned_shapes():
+    from moe.experts import resolve_experts_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    want = "grouped" if HAVE_GROUPED_MM else "loop"
+    assert resolve_experts_impl("auto", cuda, torch.bfloat16, 512, 1024) == want
+    assert resolve_experts_impl("auto", cuda, torch.bfloat16, 512, 1020) == "loop"  # 2040-byte rows
+    assert resolve_experts_impl("auto", cuda, torch.float32, 512, 1024) == "loop"
+    assert resolve_experts_impl("auto", cpu, torch.bfloat16, 512, 1024) == "loop"
+    assert resolve_experts_impl("padded", cpu, torch.float32, 5, 7) == "padded"
+
+
+@needs_grouped_mm
+def test_grouped_impl_rejects_unaligned_shapes_by_key():
+    from moe.config import ConfigError, load_config, validate
+
+    experts = Experts(2, 12, 20, 0.02, 0.02, impl="grouped")  # 12 x 2 bytes: not a multiple of 16 in bf16
+    with pytest.raises(ValueError, match="model.moe.experts_impl=grouped: .*d_model=12"):
+        experts(torch.randn(3, 12, dtype=torch.bfloat16), torch.tensor([1, 2]))
+    cfg = load_config("experiments/quickstart_moe.yaml", ["model.moe.experts_impl=grouped",
+                                                          "model.moe.expert_hidden=100"])
+    with pytest.raises(ConfigError, match="model.moe.experts_impl=grouped: .*expert_hidden=100"):
+        validate(cfg)
 
 
 def test_reference_grouped_swiglu_gradcheck():
@@ -104,13 +134,13 @@ def test_grouped_swiglu_extension_matches_reference(counts, dtype):
     x, w13, w2 = _weights(counts, d, h, dtype)
     counts_t = torch.tensor(counts)
     got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
             assert a.dtype == dtype
             torch.testing.assert_close(a, b, **TOL[dtype])
         return
-    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts),
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
     for a, b, c in zip(got, want, exact):
         assert a.dtype == dtype
@@ -134,13 +164,13 @@ def test_grouped_swiglu_extreme_gates():
     x, w13, w2 = _weights(counts, 8, 37, torch.float32, scale=60.0)
     counts_t = torch.tensor(counts)
     got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     inf = torch.tensor([[float("inf"), 100.0, -100.0, float("nan"), 1.0, 1.0, 1.0, 1.0]])
     eye13 = torch.eye(8).unsqueeze(0)  # h = 4: gates are the first 4 inputs, ups the last 4
     out = ops.grouped_swiglu(inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
-    ref = EXPERT_IMPLS["loop"](inf, eye13, torch.eye(8, 4).unsqueeze(0), [1])
+    ref = EXPERT_IMPLS["loop"](inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 
