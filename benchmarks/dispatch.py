@@ -49,9 +49,11 @@ import platform
 import sys
 import time
 
+from benchmarks import DISPATCH_OPS, dispatch_min_bytes
+
 SHAPES_FULL = [(8192, 1024, 8, 2), (16384, 2048, 64, 8)]
 SHAPES_QUICK = [(2048, 512, 8, 2), (4096, 512, 32, 4)]
-OPS = ["permute fwd", "permute bwd", "unpermute fwd", "unpermute bwd"]
+OPS = list(DISPATCH_OPS)
 IMPLS = ["ours", "megatron", "reference"]
 
 
@@ -123,8 +125,7 @@ def _bench_shape(T, d, E, k, reps, moe_utils):
         torch.testing.assert_close(u(y, w_in), fwd["ours"][1](y, gate_weights), rtol=1e-5, atol=1e-5)
 
     unit = 4
-    min_bytes = {"permute fwd": (T + R) * d * unit, "permute bwd": (R + T) * d * unit,
-                 "unpermute fwd": (R + T) * d * unit, "unpermute bwd": (T + 2 * R) * d * unit}
+    min_bytes = dispatch_min_bytes(T, R, d, unit)
 
     def timed(fn):
         t0 = time.perf_counter()

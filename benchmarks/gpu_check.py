@@ -1,25 +1,43 @@
 """The GPU check: one prepared run for a lent GPU machine (or `--device cpu --quick` as a smoke test).
 
-    bash benchmarks/gpu_check.sh            # builds the CUDA extension, then runs this
+    bash benchmarks/gpu_check.sh            # builds the CUDA extension, runs the op tests on the card, then this
     python -m benchmarks.gpu_check [--device cuda] [--dtype bf16] [--quick] [--json OUT]
 
-In order, printing a short table last:
-1. the card's measured copy bandwidth (a preallocated `dst.copy_(src)`) and bf16 matmul rate;
-2. every dispatch op of the live backend against the pure-PyTorch reference on the device
-   (forward and backward, including the gate-weight gradient), fp32 and the chosen dtype;
-3. permute + unpermute forward/backward times at (T=8192, d=1024, E=8, k=2) and
-   (T=16384, d=2048, E=64, k=8) in GB/s of the minimum bytes moved, as a fraction of the copy
-   bandwidth (target: at least 70%), next to the reference;
-4. the MoE layer (dropless) against a dense SwiGLU of the same active FLOPs, forward + backward;
-5. a short training run of the quickstart MoE model in the chosen dtype: the loss must fall.
+A GPU session is short and may end early, so the stages run one after the other, each prints its
+lines as soon as it is done and the JSON (--json) is rewritten after each; a stage that fails is
+recorded with its error (traceback on stderr) and the next one still runs. A summary is printed last.
+
+1. device: the card's copy bandwidth (a preallocated `dst.copy_(src)`, read + write counted) and
+   matmul rate in the chosen dtype;
+2. ops: every dispatch op of the live backend against the pure-PyTorch reference on the device
+   (routing index, forward and backward including the gate-weight gradient), fp32 and the dtype;
+3. dispatch: permute and unpermute, forward and backward each, at (T=8192, d=1024, E=8, k=2) and
+   (T=16384, d=2048, E=64, k=8) in the dtype: GB/s of the minimum bytes moved
+   (benchmarks.dispatch_min_bytes) and its fraction of the copy bandwidth (target: at least 70%),
+   ours next to the reference. Kernel time without launch overhead: `--iters` calls captured in one
+   CUDA graph, the replays timed with CUDA events (an eager loop, marked, where capture fails);
+   a backward is the backward alone (torch.autograd.grad of a retained forward graph);
+4. layer: the MoE layer (dropless; d=512, expert hidden 1024, E=8, k=2) forward + backward against a
+   dense SwiGLU of the same active FLOPs, eager (the routing index syncs once): ours (compiled
+   dispatch, `auto` experts: torch._grouped_mm in bf16), ours with the per-expert `loop` experts,
+   and the pure-PyTorch dispatch reference;
+5. training: steps of the quickstart MoE model (fp32 weights, autocast to the dtype, AdamW) on a
+   learnable toy stream: the loss must fall.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
+import traceback
 
 import torch
+
+from benchmarks import DISPATCH_OPS, dispatch_min_bytes
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def sync(device):
@@ -27,38 +45,94 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, reps):
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def device_time(fn, device, reps, iters=20, graph=True):
+    """(seconds per call of fn, how it was timed). CUDA: `iters` calls captured in one CUDA graph and
+    replayed ("graph": kernel time, no launch overhead), else `iters` eager calls ("eager"); both
+    between CUDA events, best of `reps`. fn must build its autograd graphs (if any) on the current
+    stream of the caller: the capture runs on that stream. CPU: best of `reps` single calls."""
+    import math
+
+    if device.type != "cuda":
         fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best, "eager"
+    fn()
+    torch.cuda.synchronize()
+    run, how = None, "eager"
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=torch.cuda.current_stream()):
+                for _ in range(iters):
+                    fn()
+            torch.cuda.synchronize()
+            run, how = g.replay, "graph"
+        except Exception as exc:  # e.g. an op that syncs with the host: time it eagerly
+            print(f"  (CUDA graph capture failed, timing eagerly: {type(exc).__name__}: {str(exc)[:120]})")
+            torch.cuda.synchronize()
+    if run is None:
+        def run():
+            for _ in range(iters):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return best, how
 
 
-def routing(T, E, k, device):
-    scores = torch.rand(T, E, device=device)
-    return torch.topk(scores, k, dim=-1).indices, torch.softmax(torch.randn(T, k, device=device), -1)
+def routing(T, E, k, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=g)
+    gates = torch.softmax(torch.randn(T, k, generator=g), -1)
+    return torch.topk(scores, k, dim=-1).indices.to(device), gates.to(device)
 
 
-def check_ops(device, dtype, backend):
+# ------------------------------------------------------------------------------------------ stages
+
+def stage_device(args, device, dtype, state):
+    n = 1 << (22 if args.quick else 28)
+    src = torch.empty(n, device=device, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    t_copy, _ = device_time(lambda: dst.copy_(src), device, args.reps, iters=5, graph=False)
+    m = 512 if args.quick else 8192
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    t_mm, _ = device_time(lambda: a @ a, device, args.reps, iters=5, graph=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    state["copy_GBs"] = 2 * n / t_copy / 1e9
+    res = {"name": name, "torch": torch.__version__, "copy_GBs": state["copy_GBs"],
+           "matmul_TFLOPs": 2 * m ** 3 / t_mm / 1e12}
+    print(f"{name}, torch {torch.__version__}: copy {res['copy_GBs']:,.0f} GB/s (read+write), "
+          f"matmul {res['matmul_TFLOPs']:,.1f} TFLOP/s in {args.dtype}")
+    return res
+
+
+def _check_ops(device, dtype, backend):
     from moe import ops
 
     worst = 0.0
     for T, d, E, k, cap in ((257, 64, 8, 2, None), (100, 32, 4, 4, None), (300, 48, 16, 1, 10), (1, 8, 4, 2, None)):
         idx, w = routing(T, E, k, device)
-        x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(T, d, device=device, dtype=dtype)
         prio = w if cap else None
         ref_i = ops.build_routing_index(idx, E, cap, prio, backend="reference")
         got_i = ops.build_routing_index(idx, E, cap, prio, backend=backend)
-        assert torch.equal(ref_i.dest_rows, got_i.dest_rows), "routing index differs from the reference"
+        assert torch.equal(ref_i.dest_rows, got_i.dest_rows), f"routing index differs from the reference (T={T})"
+        assert torch.equal(ref_i.tokens_per_expert, got_i.tokens_per_expert), "tokens_per_expert differ"
         outs = []
         for b, index in (("reference", ref_i), (backend, got_i)):
-            xx = x.detach().clone().requires_grad_(True)
-            ww = w.detach().clone().requires_grad_(True)
+            xx = x.clone().requires_grad_(True)
+            ww = w.clone().requires_grad_(True)
             y = ops.permute(xx, index, backend=b) * 1.5
             out = ops.unpermute(y, index, ww, backend=b)
             out.float().square().sum().backward()
@@ -66,60 +140,97 @@ def check_ops(device, dtype, backend):
         for a, b in zip(*outs):
             worst = max(worst, float((a - b).abs().max() / (b.abs().max() + 1e-6)))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert worst < tol, f"ops differ from the reference by {worst:.2e} (tolerance {tol:.0e})"
+    assert worst < tol, f"ops differ from the reference by {worst:.2e} in {dtype} (tolerance {tol:.0e})"
     return worst
 
 
-def bench_dispatch(device, dtype, shapes, reps, backend, copy_gbs):
+def stage_ops(args, device, dtype, state):
+    res = {"backend": state["backend"], "max_rel_err_fp32": _check_ops(device, torch.float32, state["backend"])}
+    res["max_rel_err"] = _check_ops(device, dtype, state["backend"])
+    print(f"ops ({state['backend']}) vs reference: max rel err fp32 {res['max_rel_err_fp32']:.1e}, "
+          f"{args.dtype} {res['max_rel_err']:.1e}")
+    return res
+
+
+def stage_dispatch(args, device, dtype, state):
     from moe import ops
 
+    shapes = [(1024, 256, 8, 2)] if args.quick else [(8192, 1024, 8, 2), (16384, 2048, 64, 8)]
     rows = []
     for T, d, E, k in shapes:
         idx, w = routing(T, E, k, device)
-        x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
-        elt = x.element_size()
-        for b in (backend, "reference"):
-            index = ops.build_routing_index(idx, E, None, None, backend=b)
-            y = ops.permute(x, index, backend=b)
-            out = ops.unpermute(y, index, w, backend=b)
-            g = torch.randn_like(out)
-            t_fwd = timeit(lambda: ops.unpermute(ops.permute(x, index, backend=b), index, w, backend=b), device, reps)
-            t_bwd = timeit(lambda: torch.autograd.grad(out, (x,), g, retain_graph=True), device, reps)
-            # minimum bytes: permute reads T*d, writes T*k*d; unpermute reads T*k*d, writes T*d (x2 for fwd+bwd)
-            moved = 2 * (T * d + T * k * d) * elt
-            rows.append({"shape": f"T={T} d={d} E={E} k={k}", "backend": b, "fwd_ms": 1e3 * t_fwd,
-                         "bwd_ms": 1e3 * t_bwd, "fwd_GBs": moved / t_fwd / 1e9,
-                         "fwd_vs_copy": moved / t_fwd / 1e9 / copy_gbs})
+        x = torch.randn(T, d, device=device, dtype=dtype)
+        for b in dict.fromkeys((state["backend"], "reference")):
+            index = ops.build_routing_index(idx, E, backend=b)
+            R = index.num_rows
+            y = torch.randn(R, d, device=device, dtype=dtype)
+            grad_out = torch.randn(T, d, device=device, dtype=dtype)
+            xg, yg, wg = x.clone().requires_grad_(), y.clone().requires_grad_(), w.clone().requires_grad_()
+            permuted = ops.permute(xg, index, backend=b)
+            combined = ops.unpermute(yg, index, wg, backend=b)
+            fns = {
+                "permute fwd": lambda: ops.permute(x, index, backend=b),
+                "permute bwd": lambda: torch.autograd.grad(permuted, xg, y, retain_graph=True),
+                "unpermute fwd": lambda: ops.unpermute(y, index, w, backend=b),
+                "unpermute bwd": lambda: torch.autograd.grad(combined, (yg, wg), grad_out, retain_graph=True),
+            }
+            need = dispatch_min_bytes(T, R, d, x.element_size())
+            for op in DISPATCH_OPS:
+                t, how = device_time(fns[op], device, args.reps, iters=args.iters)
+                gbs = need[op] / t / 1e9
+                rows.append({"shape": f"T={T} d={d} E={E} k={k}", "backend": b, "op": op, "ms": 1e3 * t,
+                             "GBs": gbs, "of_copy": gbs / state["copy_GBs"], "timing": how})
+                r = rows[-1]
+                print(f"  {r['shape']:<26}{b:<11}{op:<15}{r['ms']:>9.3f} ms{gbs:>9,.0f} GB/s{r['of_copy']:>6.0%} "
+                      f"of copy ({how})")
+            del permuted, combined
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
-def bench_layer(device, dtype, T, reps):
+def stage_layer(args, device, dtype, state):
     from moe.config import load_config
     from moe.layer import DenseFFN, MoELayer
 
-    cfg = load_config(None, ["model.vocab_size=16", "model.moe.num_experts=8", "model.moe.top_k=2",
-                             "model.moe.expert_hidden=1024"]).model.moe
-    moe = MoELayer(512, 1024, cfg, 0.02, 0.02).to(device, dtype)
-    dense = DenseFFN(512, 2048, 0.02, 0.02).to(device, dtype)
-    x = torch.randn(T, 512, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(T, 512, device=device, dtype=dtype)  # a dense output gradient, as in benchmarks/layer.py
-    t_moe = timeit(lambda: moe(x).backward(g), device, reps)
-    t_dense = timeit(lambda: dense(x).backward(g), device, reps)
-    return {"T": T, "moe_ms": 1e3 * t_moe, "dense_ms": 1e3 * t_dense, "moe_over_dense": t_moe / t_dense}
+    def moe_layer(*overrides):
+        torch.manual_seed(0)
+        cfg = load_config(None, ["model.vocab_size=16", "model.moe.num_experts=8", "model.moe.top_k=2",
+                                 "model.moe.expert_hidden=1024", *overrides]).model.moe
+        return MoELayer(512, 1024, cfg, 0.02, 0.02).to(device, dtype)
+
+    variants = {"dense": DenseFFN(512, 2048, 0.02, 0.02).to(device, dtype), "ours": moe_layer(),
+                "ours, loop experts": moe_layer("model.moe.experts_impl=loop"),
+                "reference dispatch": moe_layer("model.moe.dispatch=reference")}
+    rows = []
+    for T in ((256,) if args.quick else (1024, 4096, 16384)):
+        x = torch.randn(T, 512, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(T, 512, device=device, dtype=dtype)  # a dense output gradient
+        times = {}
+        for name, mod in variants.items():
+            times[name], _ = device_time(lambda m=mod: m(x).backward(g), device, args.reps, iters=5, graph=False)
+        for name, t in times.items():
+            rows.append({"T": T, "variant": name, "ms": 1e3 * t, "vs_dense": t / times["dense"]})
+        print(f"  layer T={T}: " + ", ".join(f"{n} {1e3 * t:.2f} ms (x{t / times['dense']:.2f})"
+                                          for n, t in times.items()))
+    return rows
 
 
-def short_training(device, dtype, steps):
+def stage_training(args, device, dtype, state):
     from moe.config import load_config
     from moe.model import GPT
 
+    steps = 30 if args.quick else 200
     cfg = load_config("experiments/quickstart_moe.yaml", ["model.vocab_size=257"])
+    torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    # a learnable toy stream: repeated random 32-token motifs
-    motif = torch.randint(0, 257, (64, 32), generator=gen)
+    motif = torch.randint(0, 257, (64, 32), generator=gen)  # a learnable toy stream: repeated 32-token motifs
     losses = []
-    for step in range(steps):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
         rows = motif[torch.randint(0, 64, (8, 9), generator=gen)].reshape(8, -1)[:, :257].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(rows[:, :-1], rows[:, 1:])
@@ -127,54 +238,88 @@ def short_training(device, dtype, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))
-    assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
-    return {"first": losses[0], "last": losses[-1], "steps": steps}
+    sync(device)
+    res = {"steps": steps, "first": losses[0], "last": losses[-1],
+           "tokens_per_s": steps * 8 * 256 / (time.perf_counter() - t0)}
+    print(f"training {steps} steps: loss {res['first']:.3f} -> {res['last']:.3f}, {res['tokens_per_s']:,.0f} tokens/s")
+    assert res["last"] < res["first"] - 0.5, f"loss did not fall: {res['first']:.3f} -> {res['last']:.3f}"
+    return res
+
+
+STAGES = {"device": stage_device, "ops": stage_ops, "dispatch": stage_dispatch, "layer": stage_layer,
+          "training": stage_training}
+
+
+def print_summary(result):
+    print(f"\n==== GPU check summary: {result.get('device', {}).get('name', '?')}, {result['dtype']}, "
+          f"dispatch backend {result['backend']}")
+    for stage in STAGES:
+        r = result.get(stage)
+        if isinstance(r, dict) and "error" in r:
+            print(f"{stage}: FAILED: {r['error']}")
+    dev = result.get("device", {})
+    if "copy_GBs" in dev:
+        print(f"copy {dev['copy_GBs']:,.0f} GB/s; matmul {dev['matmul_TFLOPs']:,.1f} TFLOP/s")
+    ops_r = result.get("ops", {})
+    if "max_rel_err" in ops_r:
+        print(f"ops vs reference: max rel err fp32 {ops_r['max_rel_err_fp32']:.1e}, {result['dtype']} "
+              f"{ops_r['max_rel_err']:.1e}")
+    if isinstance(result.get("dispatch"), list):
+        print(f"{'dispatch shape':<26}{'backend':<11}{'op':<15}{'ms':>9}{'GB/s':>9}{'of copy':>9}  timing")
+        for r in result["dispatch"]:
+            print(f"{r['shape']:<26}{r['backend']:<11}{r['op']:<15}{r['ms']:>9.3f}{r['GBs']:>9,.0f}"
+                  f"{r['of_copy']:>9.0%}  {r['timing']}")
+    if isinstance(result.get("layer"), list):
+        print(f"{'layer':<8}{'variant':<22}{'ms':>9}{'x dense':>9}")
+        for r in result["layer"]:
+            print(f"T={r['T']:<6}{r['variant']:<22}{r['ms']:>9.2f}{r['vs_dense']:>9.2f}")
+    t = result.get("training", {})
+    if "last" in t:
+        print(f"training {t['steps']} steps: loss {t['first']:.3f} -> {t['last']:.3f}, {t['tokens_per_s']:,.0f} tokens/s")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions, best taken (default 10, quick 3)")
+    p.add_argument("--iters", type=int, default=20, help="dispatch op calls per CUDA graph / timed loop")
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 10)
     from moe import ops
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     backend = ops.dispatch_backend("auto")
-    reps = 3 if args.quick else 10
-    n = 1 << (22 if args.quick else 28)
-    src = torch.empty(n, device=device, dtype=torch.uint8).random_(0, 255)
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * n / timeit(lambda: dst.copy_(src), device, reps) / 1e9
-    m = 512 if args.quick else 8192
-    a = torch.randn(m, m, device=device, dtype=dtype)
-    tflops = 2 * m ** 3 / timeit(lambda: a @ a, device, reps) / 1e12
-    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": args.dtype,
-              "backend": backend, "copy_GBs": copy_gbs, "matmul_TFLOPs": tflops}
-    result["ops_max_rel_err_fp32"] = check_ops(device, torch.float32, backend)
-    result["ops_max_rel_err"] = check_ops(device, dtype, backend)
-    shapes = [(1024, 256, 8, 2)] if args.quick else [(8192, 1024, 8, 2), (16384, 2048, 64, 8)]
-    result["dispatch"] = bench_dispatch(device, dtype, shapes, reps, backend, copy_gbs)
-    result["layer"] = [bench_layer(device, dtype, T, reps) for T in ((256,) if args.quick else (1024, 4096, 16384))]
-    result["training"] = short_training(device, dtype, 30 if args.quick else 200)
-
-    print(f"\n{result['device']}, {args.dtype}, dispatch backend {backend}")
-    print(f"copy bandwidth {copy_gbs:,.0f} GB/s (read+write); matmul {tflops:,.3f} TFLOP/s")
-    print(f"ops vs reference: max rel err fp32 {result['ops_max_rel_err_fp32']:.1e}, {args.dtype} {result['ops_max_rel_err']:.1e}")
-    print(f"{'dispatch shape':<28}{'backend':<11}{'fwd ms':>8}{'bwd ms':>8}{'fwd GB/s':>10}{'of copy':>9}")
-    for r in result["dispatch"]:
-        print(f"{r['shape']:<28}{r['backend']:<11}{r['fwd_ms']:>8.3f}{r['bwd_ms']:>8.3f}{r['fwd_GBs']:>10,.0f}{r['fwd_vs_copy']:>9.0%}")
-    for r in result["layer"]:
-        print(f"layer T={r['T']}: moe {r['moe_ms']:.2f} ms, dense {r['dense_ms']:.2f} ms, x{r['moe_over_dense']:.2f}")
-    t = result["training"]
-    print(f"training {t['steps']} steps: loss {t['first']:.3f} -> {t['last']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    if backend == "extension" and device.type not in ops.extension_devices():
+        print(f"moe._C has no {device.type} kernels (it has: {', '.join(ops.extension_devices())}): the dispatch "
+              "ops below run the reference; see the extension build's output above")
+        backend = "reference"
+    state = {"backend": backend, "copy_GBs": float("nan")}
+    result = {"dtype": args.dtype, "backend": state["backend"], "argv": sys.argv[1:] if argv is None else argv}
+    # CUDA graphs cannot be captured on the default stream: every stage runs on a side stream (autograd
+    # runs each backward op on its forward op's stream, so captured backwards land there too)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    for stage in args.stages:
+        print(f"\n== {stage}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                result[stage] = STAGES[stage](args, device, dtype, state)
+        except Exception as exc:
+            traceback.print_exc()
+            result[stage] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            print(f"{stage} FAILED: {result[stage]['error']}")
+        print(f"({stage}: {time.perf_counter() - t0:.1f} s)", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    print_summary(result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(1 if any(isinstance(r, dict) and "error" in r for r in result.values()) else 0)

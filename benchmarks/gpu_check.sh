@@ -2,7 +2,9 @@
 # The prepared GPU check for a lent GPU machine: build the CUDA extension with the machine's own
 # torch, run the op tests on the card (tests/test_ops.py and tests/test_experts.py with
 # MOE_TEST_DEVICE=cuda), then check and time everything on the card in one go (benchmarks/gpu_check.py).
-# A failing test does not stop the timings (a GPU session is short): its summary line is printed last.
+# A failing test does not stop the timings, nor a failing stage the next one (a GPU session is short):
+# each stage prints as it ends, the summary comes last, then the tests' summary line; the exit status
+# is the check's (1 when a stage failed, 124 when it ran out of time).
 # Usage there:  bash benchmarks/gpu_check.sh [--json $OUT/gpu_check.json]
 # Needs torch, pytest, pyyaml and omegaconf. The lent machines' image lacks omegaconf: fetch its wheel
 # here first (it is pure Python) into the git-ignored .whl/ and carry that folder (the device tool's
@@ -31,5 +33,7 @@ start=$(date +%s)
 tests=$(MOE_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
         2>&1 | tee /dev/stderr | tail -n 1) || true
 echo "op tests on cuda: $(( $(date +%s) - start )) s"
-timeout 300 $PY -m benchmarks.gpu_check --device cuda --dtype bf16 "$@"
+rc=0
+timeout 300 $PY -m benchmarks.gpu_check --device cuda --dtype bf16 "$@" || rc=$?
 echo "op tests on cuda: ${tests:-no summary (timed out?)}"
+exit $rc

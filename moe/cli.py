@@ -276,8 +276,14 @@ def cmd_info(args) -> None:
     else:
         rows.append(("device", f"cpu ({torch.get_num_threads()} threads)"))
         rows.append(("distributed backend", "gloo"))
-    rows.append(("dispatch backend", ops.dispatch_backend("auto")
-                 + ("" if ops.extension_available() else " (compiled extension not built)")
+    kernels = ops.extension_devices()
+    if not kernels:
+        built = " (compiled extension not built)"
+    elif torch.cuda.is_available() and "cuda" not in kernels:
+        built = " (CPU kernels only, built without CUDA: CUDA tensors use the reference)"
+    else:
+        built = f" ({', '.join(kernels)} kernels)"
+    rows.append(("dispatch backend", ops.dispatch_backend("auto") + built
                  + (" [forced by MOE_DISPATCH]" if os.environ.get("MOE_DISPATCH") else "")))
     from moe.host_memory import can_keep_freed_memory
 

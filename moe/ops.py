@@ -129,6 +129,11 @@ def extension_available() -> bool:
     return bool(_extension_devices())
 
 
+def extension_devices() -> tuple:
+    """The device types moe._C has kernels for: () when it is not built, ("cpu",) or ("cpu", "cuda")."""
+    return tuple(d for d in _extension_devices().split(",") if d and d != "meta")
+
+
 def dispatch_backend(requested: str = "auto") -> str:
     """Resolve `auto|extension|reference` to the backend that will run. MOE_DISPATCH overrides."""
     forced = os.environ.get("MOE_DISPATCH")

@@ -19,7 +19,7 @@ from tests.device import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "moe", "csrc")
-HAVE_EXT = ops.extension_available() and DEVICE.type in ops._extension_devices().split(",")
+HAVE_EXT = DEVICE.type in ops.extension_devices()
 needs_ext = pytest.mark.skipif(
     not HAVE_EXT, reason=f"moe._C is not built with {DEVICE.type} kernels: run `.venv/bin/pip install "
                          "--no-build-isolation -e .`")
@@ -400,6 +400,7 @@ _NO_EXT_CODE = """\
 import sys; sys.modules['moe._C'] = None
 import torch, moe.ops as o
 assert not o.extension_available() and o.dispatch_backend('auto') == 'reference'
+assert o.extension_devices() == ()
 i = o.build_routing_index(torch.tensor([[0, 1]]), 2, backend=o.dispatch_backend('auto'))
 assert o.permute(torch.ones(1, 3), i).shape == (2, 3)
 try:
@@ -486,6 +487,12 @@ def jobs(tmp_path_factory):
     for job in started.values():
         if job.proc is not None and job.proc.poll() is None:
             job.proc.kill()
+
+
+@needs_ext
+def test_extension_devices_name_the_kernels():
+    devices = ops.extension_devices()
+    assert DEVICE.type in devices and "cpu" in devices and set(devices) <= {"cpu", "cuda"}
 
 
 @cpu_only
