@@ -148,6 +148,8 @@ def grouped_mm_shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Opt
 def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     dtype = _autocast_dtype(x.device) or x.dtype
     x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    if x.shape[0] == 0:  # no rows (an expert-parallel rank may receive none): zero gradients, as `loop`
+        return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
     # int32 end offset of each expert's segment, computed on the device: no host sync
     offs = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)
     h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
