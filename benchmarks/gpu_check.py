@@ -14,9 +14,10 @@ recorded with its error (traceback on stderr) and the next one still runs. A sum
 3. dispatch: permute and unpermute, forward and backward each, at (T=8192, d=1024, E=8, k=2) and
    (T=16384, d=2048, E=64, k=8) in the dtype: GB/s of the minimum bytes moved
    (benchmarks.dispatch_min_bytes) and its fraction of the copy bandwidth (target: at least 70%),
-   ours next to the reference. Kernel time without launch overhead: `--iters` calls captured in one
-   CUDA graph, the replays timed with CUDA events (an eager loop, marked, where capture fails);
-   a backward is the backward alone (torch.autograd.grad of a retained forward graph);
+   ours next to the reference. Kernel time without launch gaps: `--iters` calls captured in one CUDA
+   graph, the median replay timed with CUDA events (an eager loop, marked, where capture fails); the
+   calls rotate over input sets totalling 3x the L2, so they read memory, not the cache; a backward
+   is the backward alone (torch.autograd.grad of a retained forward graph);
 4. layer: the MoE layer (dropless; d=512, expert hidden 1024, E=8, k=2) forward + backward against a
    dense SwiGLU of the same active FLOPs, eager (the routing index syncs once): ours (compiled
    dispatch, `auto` experts: torch._grouped_mm in bf16), ours with the per-expert `loop` experts,
@@ -45,50 +46,70 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def device_time(fn, device, reps, iters=20, graph=True):
-    """(seconds per call of fn, how it was timed). CUDA: `iters` calls captured in one CUDA graph and
-    replayed ("graph": kernel time, no launch overhead), else `iters` eager calls ("eager"); both
-    between CUDA events, best of `reps`. fn must build its autograd graphs (if any) on the current
-    stream of the caller: the capture runs on that stream. CPU: best of `reps` single calls."""
-    import math
+def device_time(fns, device, reps, iters=20, graph=True):
+    """(seconds per call, how it was timed) of the callables `fns`, called in turn (distinct input sets,
+    so that repeated calls do not just read the L2 cache). CUDA: `iters` calls captured in one CUDA
+    graph and replayed ("graph": kernel time without launch gaps), else `iters` eager calls ("eager");
+    both between CUDA events, the median of `reps` replays. The capture runs on the current stream:
+    autograd graphs that a call runs backward through must be built on it. CPU: the median of `reps`
+    single calls."""
+    import statistics
 
+    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
     if device.type != "cuda":
-        fn()
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        for fn in fns:
             fn()
-            best = min(best, time.perf_counter() - t0)
-        return best, "eager"
-    fn()
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fns[i % len(fns)]()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), "eager"
+
+    def calls():
+        for i in range(iters):
+            fns[i % len(fns)]()
+
+    calls()  # warm-up: module loads, handles, allocator blocks
     torch.cuda.synchronize()
-    run, how = None, "eager"
+    run, how = calls, "eager"
     if graph:
         try:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, stream=torch.cuda.current_stream()):
-                for _ in range(iters):
-                    fn()
+                calls()
             torch.cuda.synchronize()
             run, how = g.replay, "graph"
         except Exception as exc:  # e.g. an op that syncs with the host: time it eagerly
             print(f"  (CUDA graph capture failed, timing eagerly: {type(exc).__name__}: {str(exc)[:120]})")
             torch.cuda.synchronize()
-    if run is None:
-        def run():
-            for _ in range(iters):
-                fn()
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
+    times = []
     for _ in range(reps):
         start.record()
         run()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / iters)
-    return best, how
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times), how
+
+
+def input_sets(bytes_per_set, device):
+    """How many distinct input sets keep repeated calls from being served by the L2 cache: their total
+    at least three times the L2 (H200: 60 MB); one on the CPU."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return max(1, min(16, -(-3 * l2 // max(1, bytes_per_set))))
+
+
+def poison(device, dtype, *numels):
+    """Leave NaN in the allocator's free blocks of these sizes, so that an output element an op fails
+    to write shows up as NaN instead of a stale right answer from an earlier run."""
+    blocks = [torch.full((n,), float("nan"), device=device, dtype=dtype) for n in numels if n > 0]
+    del blocks
 
 
 def routing(T, E, k, device, seed=0):
@@ -131,6 +152,8 @@ def _check_ops(device, dtype, backend):
         assert torch.equal(ref_i.tokens_per_expert, got_i.tokens_per_expert), "tokens_per_expert differ"
         outs = []
         for b, index in (("reference", ref_i), (backend, got_i)):
+            R = index.num_rows
+            poison(device, dtype, R * d, T * d, T * k)
             xx = x.clone().requires_grad_(True)
             ww = w.clone().requires_grad_(True)
             y = ops.permute(xx, index, backend=b) * 1.5
@@ -138,6 +161,7 @@ def _check_ops(device, dtype, backend):
             out.float().square().sum().backward()
             outs.append((out.detach().float(), xx.grad.float(), ww.grad.float()))
         for a, b in zip(*outs):
+            assert not a.isnan().any(), f"NaN in an output of the {backend} ops (an element not written?), T={T}"
             worst = max(worst, float((a - b).abs().max() / (b.abs().max() + 1e-6)))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert worst < tol, f"ops differ from the reference by {worst:.2e} in {dtype} (tolerance {tol:.0e})"
@@ -159,31 +183,35 @@ def stage_dispatch(args, device, dtype, state):
     rows = []
     for T, d, E, k in shapes:
         idx, w = routing(T, E, k, device)
-        x = torch.randn(T, d, device=device, dtype=dtype)
         for b in dict.fromkeys((state["backend"], "reference")):
             index = ops.build_routing_index(idx, E, backend=b)
             R = index.num_rows
-            y = torch.randn(R, d, device=device, dtype=dtype)
-            grad_out = torch.randn(T, d, device=device, dtype=dtype)
-            xg, yg, wg = x.clone().requires_grad_(), y.clone().requires_grad_(), w.clone().requires_grad_()
-            permuted = ops.permute(xg, index, backend=b)
-            combined = ops.unpermute(yg, index, wg, backend=b)
+            need = dispatch_min_bytes(T, R, d, torch.empty((), dtype=dtype).element_size())
+            sets = []
+            for _ in range(input_sets(max(need.values()), device)):
+                x = torch.randn(T, d, device=device, dtype=dtype)
+                y = torch.randn(R, d, device=device, dtype=dtype)
+                grad_out = torch.randn(T, d, device=device, dtype=dtype)
+                xg, yg, wg = x.clone().requires_grad_(), y.clone().requires_grad_(), w.clone().requires_grad_()
+                sets.append(dict(x=x, y=y, g=grad_out, xg=xg, yg=yg, wg=wg, permuted=ops.permute(xg, index, backend=b),
+                                 combined=ops.unpermute(yg, index, wg, backend=b)))
             fns = {
-                "permute fwd": lambda: ops.permute(x, index, backend=b),
-                "permute bwd": lambda: torch.autograd.grad(permuted, xg, y, retain_graph=True),
-                "unpermute fwd": lambda: ops.unpermute(y, index, w, backend=b),
-                "unpermute bwd": lambda: torch.autograd.grad(combined, (yg, wg), grad_out, retain_graph=True),
+                "permute fwd": [lambda s=s_: ops.permute(s["x"], index, backend=b) for s_ in sets],
+                "permute bwd": [lambda s=s_: torch.autograd.grad(s["permuted"], s["xg"], s["y"], retain_graph=True)
+                                for s_ in sets],
+                "unpermute fwd": [lambda s=s_: ops.unpermute(s["y"], index, w, backend=b) for s_ in sets],
+                "unpermute bwd": [lambda s=s_: torch.autograd.grad(s["combined"], (s["yg"], s["wg"]), s["g"],
+                                                                   retain_graph=True) for s_ in sets],
             }
-            need = dispatch_min_bytes(T, R, d, x.element_size())
             for op in DISPATCH_OPS:
                 t, how = device_time(fns[op], device, args.reps, iters=args.iters)
                 gbs = need[op] / t / 1e9
                 rows.append({"shape": f"T={T} d={d} E={E} k={k}", "backend": b, "op": op, "ms": 1e3 * t,
-                             "GBs": gbs, "of_copy": gbs / state["copy_GBs"], "timing": how})
+                             "GBs": gbs, "of_copy": gbs / state["copy_GBs"], "timing": how, "input_sets": len(sets)})
                 r = rows[-1]
                 print(f"  {r['shape']:<26}{b:<11}{op:<15}{r['ms']:>9.3f} ms{gbs:>9,.0f} GB/s{r['of_copy']:>6.0%} "
-                      f"of copy ({how})")
-            del permuted, combined
+                      f"of copy ({how}, {len(sets)} input sets)")
+            del sets, fns
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
