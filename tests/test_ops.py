@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moe import ops
 from moe.ops import build_routing_index_reference, permute_reference, unpermute_reference
@@ -303,6 +305,74 @@ def test_cpu_isa_variants_identical(dtype):
         return [out, gy, gw, px, gx]
 
     assert_cpu_isa_variants_identical(run)
+
+
+# ------------------------------------------------------------------ property tests (hypothesis)
+
+@st.composite
+def _routings(draw):
+    """(expert_indices [T, k], E, capacity, priority) on the CPU: any E, k <= E, T >= 0; top-k-like
+    distinct experts or repeats skewed towards expert 0; dropless or a capacity (0 included) with
+    the position policy, a priority, or a priority with many ties."""
+    E = draw(st.integers(1, 10))
+    k = draw(st.integers(1, E))
+    T = draw(st.integers(0, 160))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 32 - 1)))
+    if draw(st.booleans()):
+        ei = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
+    else:
+        skew = draw(st.floats(0, 1))
+        ei = torch.where(torch.rand(T, k, generator=g) < skew, 0, torch.randint(0, E, (T, k), generator=g))
+    cap = draw(st.one_of(st.none(), st.integers(0, max(1, 2 * T * k // E))))
+    pr = None
+    if cap is not None and draw(st.booleans()):
+        pr = torch.rand(T, k, generator=g)
+        if draw(st.booleans()):
+            pr = (pr * 4).floor()
+    return ei.contiguous(), E, cap, pr
+
+
+@needs_ext
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(routing=_routings(), d=st.integers(1, 48), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 999))
+def test_dispatch_ops_match_the_fp64_reference_on_any_routing(routing, d, dtype, seed):
+    """For any routing, row width and dtype: the routing index equals the reference's, permute is an
+    exact copy, and unpermute and both backwards are within one rounding of the result dtype of the
+    fp64 reference on the same (rounded) inputs (the gate-weight gradient's dot products within d
+    roundings of the accumulation type, then one of the gate weights' dtype)."""
+    ei, E, cap, pr = (t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in routing)
+    idx = ops.build_routing_index(ei, E, cap, pr, backend=EXT)
+    _assert_index_equal(idx, build_routing_index_reference(ei, E, cap, pr))
+    T, k = ei.shape
+    x, y, w, gout, gperm = _data(idx, T, d, dtype, seed)
+    w = w.to(dtype).to(w.dtype)  # the ops round the gate weights to y's dtype: compare on rounded ones
+    eps = torch.finfo(dtype).eps
+
+    def within(got, want, bound, scale=eps):
+        err = (got.double() - want).abs()
+        assert bool((err <= scale * bound + 1e-300).all()), f"max error {err.max():.3e}, dtype {dtype}"
+
+    # permute: a copy, and its backward a sum of the kept rows' gradients
+    out, (gx,) = _grads(lambda a: ops.permute(a, idx, backend=EXT), [x], gperm)
+    assert torch.equal(out, permute_reference(x, idx))
+    _, (gx_ref,) = _grads(lambda a: permute_reference(a, idx), [x.double()], gperm.double())
+    _, (gx_abs,) = _grads(lambda a: permute_reference(a, idx), [x.double()], gperm.double().abs())
+    within(gx, gx_ref, gx_abs)
+
+    out, (gy, gw) = _grads(lambda a, b: ops.unpermute(a, idx, b, backend=EXT), [y, w], gout)
+    if idx.num_rows == 0:  # everything dropped: zeros (the reference cannot index an empty y)
+        assert not out.any() and not gy.numel() and not gw.any()
+        return
+    ref, (gy_ref, gw_ref) = _grads(lambda a, b: unpermute_reference(a, idx, b), [y.double(), w.double()],
+                                   gout.double())
+    bound = unpermute_reference(y.double().abs(), idx, w.double().abs())
+    within(out, ref, bound)
+    within(gy, gy_ref, gy_ref.abs())
+    _, (_, gw_abs) = _grads(lambda a, b: unpermute_reference(a, idx, b), [y.double().abs(), w.double()],
+                            gout.double().abs())
+    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    within(gw, gw_ref, gw_abs, scale=d * acc_eps + torch.finfo(gw.dtype).eps)  # then rounded to w's dtype
 
 
 # --------------------------------------------------------------------------------- torch.compile
