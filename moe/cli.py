@@ -278,13 +278,18 @@ def cmd_info(args) -> None:
         rows.append(("distributed backend", "gloo"))
     kernels = ops.extension_devices()
     if not kernels:
-        built = " (compiled extension not built)"
+        built = "compiled extension not built"
     elif torch.cuda.is_available() and "cuda" not in kernels:
-        built = " (CPU kernels only, built without CUDA: CUDA tensors use the reference)"
+        built = "moe._C has CPU kernels only (built without CUDA): CUDA tensors use the reference"
     else:
-        built = f" ({', '.join(kernels)} kernels)"
-    rows.append(("dispatch backend", ops.dispatch_backend("auto") + built
+        built = f"moe._C has {' and '.join(k.upper() for k in kernels)} kernels"
+    rows.append(("dispatch backend", f"{ops.dispatch_backend('auto')} ({built})"
                  + (" [forced by MOE_DISPATCH]" if os.environ.get("MOE_DISPATCH") else "")))
+    from moe.experts import describe_auto_impl
+
+    rows.append(("expert backend", describe_auto_impl(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"), ops.dispatch_backend("auto"))
+        + " [model.moe.experts_impl=auto]"))
     from moe.host_memory import can_keep_freed_memory
 
     rows.append(("host memory", "training keeps freed memory for reuse (train.keep_freed_memory)"

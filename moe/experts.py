@@ -176,6 +176,17 @@ def resolve_experts_impl(name: str, device: torch.device, dtype: torch.dtype, d_
     return "loop"
 
 
+def describe_auto_impl(device: torch.device, backend: str) -> str:
+    """What `experts_impl=auto` runs on this device (for `moe info`), with dispatch backend `backend`."""
+    if device.type == "cuda":
+        grouped = ("grouped (torch._grouped_mm)" if hasattr(torch, "_grouped_mm")
+                   else f"loop (torch {torch.__version__} lacks _grouped_mm)")
+        return f"{grouped} in bf16 (autocast included), loop (a GEMM per expert) otherwise"
+    if ops.grouped_swiglu_supported(backend, torch.empty(0, device=device)):
+        return "loop, as one compiled grouped SwiGLU op (moe._C)"
+    return "loop (a GEMM per expert; the compiled grouped SwiGLU needs moe._C)"
+
+
 class Experts(nn.Module):
     """E SwiGLU FFNs of hidden size h, computed over expert-sorted rows."""
 
