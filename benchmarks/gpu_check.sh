@@ -25,9 +25,14 @@ if ! $PY -c "import omegaconf" 2>/dev/null; then
     fi
 fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))"
+$PY -c "import torch; print('torch CUDA', torch.version.cuda)"; nvcc --version | tail -n 2 || true
+# MOE_BUILD_CUDA=1: a CUDA build or none (setup.py then warns and the check runs the reference, saying
+# so); the full log goes to $OUT (the device tool's output folder) when set, its tail here on failure
+log=${OUT:-/tmp}/moe-build.log
 start=$(date +%s)
-$PY setup.py build_ext --inplace 2>&1 | tail -n 3
-echo "extension build: $(( $(date +%s) - start )) s"
+MOE_BUILD_CUDA=1 $PY setup.py build_ext --inplace >"$log" 2>&1 || true
+if grep -q "built moe._C (CUDA)" "$log"; then tail -n 2 "$log"; else tail -n 40 "$log"; fi
+echo "extension build: $(( $(date +%s) - start )) s (log: $log)"
 $PY -c "from moe import ops; print('dispatch backend:', ops.dispatch_backend('auto'))"
 start=$(date +%s)
 tests=$(MOE_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
