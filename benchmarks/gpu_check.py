@@ -186,7 +186,7 @@ def stage_dispatch(args, device, dtype, state):
         for b in dict.fromkeys((state["backend"], "reference")):
             index = ops.build_routing_index(idx, E, backend=b)
             R = index.num_rows
-            need = dispatch_min_bytes(T, R, d, torch.empty((), dtype=dtype).element_size())
+            need = dispatch_min_bytes(T, R, d, dtype.itemsize)
             sets = []
             for _ in range(input_sets(max(need.values()), device)):
                 x = torch.randn(T, d, device=device, dtype=dtype)

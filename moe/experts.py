@@ -137,7 +137,7 @@ def grouped_mm_shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Opt
         return f"this torch ({torch.__version__}) has no torch._grouped_mm"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"torch._grouped_mm takes float32, bfloat16 or float16, not {dtype}"
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     for name, n in (("d_model", d_model), ("expert_hidden", hidden)):
         if n * size % GROUPED_MM_ALIGN_BYTES:
             return (f"torch._grouped_mm needs rows of a multiple of {GROUPED_MM_ALIGN_BYTES} bytes: {name}={n} in "
