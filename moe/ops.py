@@ -28,6 +28,9 @@ and with autograd:
   size T * k when nothing can be dropped (capacity None or >= T * k) and otherwise an unbacked
   SymInt (ctx.new_dynamic_size, 0 <= rows <= min(T * k, E * capacity)); so it can stay inside a
   compiled graph. Its outputs are integer index tensors and need no autograd (priority is detached).
+  Host syncs follow the same line: when nothing can be dropped the CUDA kernel (and the reference)
+  never wait for the device, so a dropless layer can be captured in a CUDA graph, and an expert index
+  outside [0, E) is reported by a device-side assert; a capacity that can drop syncs once for the size.
 
 The extension is loaded by `_extension_devices()`, which torch.compile evaluates at trace time
 (assume_constant_result), so a first use inside a compiled region works too. Tensors on a device the
@@ -81,6 +84,11 @@ def build_routing_index_reference(expert_indices: torch.Tensor, num_experts: int
     flat = expert_indices.reshape(-1).long()
     n = flat.numel()
     dev = flat.device
+    if n and dev.type == "cpu" and not torch.compiler.is_compiling():
+        # free on the host; on a GPU it would be a sync (dropless, index_add_ asserts on the device)
+        bad = (flat < 0) | (flat >= num_experts)
+        if bad.any():
+            raise RuntimeError(f"routing index: expert index {int(flat[bad][0])} outside [0, {num_experts})")
     if capacity is not None:
         if priority is None:
             order = torch.arange(n, device=dev)
@@ -92,16 +100,19 @@ def build_routing_index_reference(expert_indices: torch.Tensor, num_experts: int
         rank = torch.empty(n, dtype=torch.long, device=dev)
         rank[order] = torch.arange(n, device=dev) - starts[flat[order]]
         kept = rank < capacity
-    else:
-        kept = torch.ones(n, dtype=torch.bool, device=dev)
-    key = torch.where(kept, flat, torch.full_like(flat, num_experts))
+        key = torch.where(kept, flat, torch.full_like(flat, num_experts))
+        num_rows = int(kept.sum())  # data dependent: a host sync
+        tokens_per_expert = torch.bincount(flat[kept], minlength=num_experts)
+    else:  # dropless: every pair kept, so the size is known and nothing waits for the device
+        key, num_rows = flat, n
+        tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=dev).index_add_(
+            0, flat, torch.ones_like(flat))
     sorted_pairs = torch.argsort(key, stable=True)
-    num_rows = int(kept.sum())
     kept_pairs = sorted_pairs[:num_rows]
     dest = torch.full((n,), -1, dtype=torch.long, device=dev)
     dest[kept_pairs] = torch.arange(num_rows, device=dev)
     return RoutingIndex(
-        tokens_per_expert=torch.bincount(flat[kept], minlength=num_experts),
+        tokens_per_expert=tokens_per_expert,
         dest_rows=dest.view(T, k),
         source_tokens=kept_pairs // k,
         num_rows=num_rows,

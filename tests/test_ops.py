@@ -144,10 +144,68 @@ def test_routing_index_random(seed):
 
 @needs_ext
 def test_routing_index_rejects_bad_experts():
-    with pytest.raises(RuntimeError, match="expert index"):
-        ops.build_routing_index(torch.tensor([[0, 4]], device=DEVICE), 4, backend=EXT)
-    with pytest.raises(RuntimeError, match="expert index"):
-        ops.build_routing_index(torch.tensor([[-1, 0]], device=DEVICE), 4, backend=EXT)
+    # on CUDA a dropless index is built without a host sync and reports bad indices with a device-side
+    # assert (test_dropless_routing_index_on_cuda_asserts_on_bad_experts); a capacity that can drop syncs
+    # and raises here, on every device
+    for cap in ((1, None) if DEVICE.type == "cpu" else (1,)):
+        with pytest.raises(RuntimeError, match="expert index"):
+            ops.build_routing_index(torch.tensor([[0, 4]], device=DEVICE), 4, cap, backend=EXT)
+        with pytest.raises(RuntimeError, match="expert index"):
+            ops.build_routing_index(torch.tensor([[-1, 0]], device=DEVICE), 4, cap, backend=EXT)
+
+
+@cpu_only
+def test_reference_routing_index_rejects_bad_experts():
+    for bad in (4, -1):
+        for cap in (1, None):
+            with pytest.raises(RuntimeError, match=f"expert index {bad} outside"):
+                build_routing_index_reference(torch.tensor([[0, bad]]), 4, cap)
+
+
+_SYNC_FREE_CODE = """\
+import torch, moe.ops as o
+E, T, k, d = 8, 512, 2, 64
+ei = torch.randn(T, E, device='cuda').topk(k, dim=-1).indices
+x = torch.randn(T, d, device='cuda', requires_grad=True)
+w = torch.rand(T, k, device='cuda', requires_grad=True)
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode('error')  # any host sync below raises
+for backend in ('extension', 'reference'):
+    for cap in (None, T * k):  # nothing can be dropped: the buffer's size is known on the host
+        idx = o.build_routing_index(ei, E, cap, backend=backend)
+        out = o.unpermute(o.permute(x, idx, backend=backend) * 2, idx, w, backend=backend)
+        out.backward(torch.ones_like(out))
+torch.cuda.set_sync_debug_mode(0)
+print('ok', float(out.sum()))
+"""
+
+_BAD_EXPERT_CUDA_CODE = """\
+import torch, moe.ops as o
+idx = o.build_routing_index(torch.tensor([[0, 9]], device='cuda'), 4, backend='extension')
+torch.cuda.synchronize()
+print('no error')
+"""
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or not HAVE_EXT, reason="a CUDA device and moe._C's CUDA kernels")
+def test_dropless_dispatch_on_cuda_makes_no_host_sync():
+    """Routing index, permute, unpermute and their backward, dropless: no host sync (so the layer can be
+    captured in a CUDA graph), with the extension and with the reference. A subprocess: a sync raises
+    there, leaving this process's CUDA state alone."""
+    proc = subprocess.run([sys.executable, "-c", _SYNC_FREE_CODE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or not HAVE_EXT, reason="a CUDA device and moe._C's CUDA kernels")
+def test_dropless_routing_index_on_cuda_asserts_on_bad_experts():
+    """Without a host sync a bad expert index ends the process with a device-side assert that names the
+    op (a subprocess: the assert leaves its CUDA context unusable)."""
+    proc = subprocess.run([sys.executable, "-c", _BAD_EXPERT_CUDA_CODE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "no error" not in out, out[-3000:]
+    assert "routing_index" in out and "device-side assert" in out, out[-3000:]
 
 
 # -------------------------------------------------------------------------- permute / unpermute

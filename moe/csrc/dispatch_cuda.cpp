@@ -2,8 +2,12 @@
 // implementations of torch.ops.moe.*. Compiled only when torch is a CUDA build (setup.py adds it to
 // a CUDAExtension and defines MOE_WITH_CUDA).
 //
-// Differences from the CPU kernels: dest_rows is not range-checked (that would need a device sync);
-// routing_index syncs once (to size source_tokens, like the reference's int(kept.sum())).
+// Differences from the CPU kernels: dest_rows is not range-checked (that would need a device sync).
+// routing_index runs without a host sync when nothing can be dropped (no capacity, or one >= T * k:
+// the buffer then has T * k rows, known on the host), so a dropless MoE layer never waits for the
+// device and can be captured in a CUDA graph; an expert index outside [0, E) is then reported by a
+// device-side assert, as torch's indexing ops do. With a capacity that can drop, it syncs once to
+// size source_tokens (like the reference's int(kept.sum())) and raises a host error for bad indices.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -70,12 +74,19 @@ std::tuple<Tensor, Tensor, Tensor> routing_index_cuda(const Tensor& expert_indic
                             offsets.mutable_data_ptr<int64_t>(), bucket_start.mutable_data_ptr<int64_t>(),
                             info.mutable_data_ptr<int64_t>(), stream),
         "routing_count");
-  const Tensor info_cpu = info.cpu();  // the one sync: rows of the permuted buffer
-  const int64_t* inf = info_cpu.const_data_ptr<int64_t>();
-  TORCH_CHECK(inf[2] == 0, "routing_index: expert index outside [0, ", E, ")");
-  const int64_t num_rows = inf[0];
+  int64_t num_rows = n;
+  bool over_capacity = false;
+  if (cap >= 0 && cap < n) {
+    const Tensor info_cpu = info.cpu();  // the one sync: rows of the permuted buffer
+    const int64_t* inf = info_cpu.const_data_ptr<int64_t>();
+    TORCH_CHECK(inf[2] == 0, "routing_index: expert index outside [0, ", E, ")");
+    num_rows = inf[0];
+    over_capacity = inf[1] != 0;
+  } else {
+    check(cuda::routing_check(info.const_data_ptr<int64_t>(), E, stream), "routing_check");
+  }
   Tensor src = at::empty({num_rows}, lopts);
-  if (inf[1] != 0 && priority.has_value()) {
+  if (over_capacity && priority.has_value()) {
     const Tensor& p = *priority;
     TORCH_CHECK(p.numel() == n, "routing_index: priority must have T * k = ", n, " elements, got ", p.numel());
     check_same_device(p, expert_indices, "routing_index");

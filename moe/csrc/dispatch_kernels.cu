@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 
 #include "dispatch_kernels.h"
@@ -153,6 +154,30 @@ __global__ void offsets_kernel(const int64_t* __restrict__ counts, int64_t E, in
   }
 }
 
+}  // namespace
+}  // namespace cuda
+}  // namespace moe
+
+// glibc's <assert.h> declares this only without NDEBUG; nvcc maps device calls to its device assert
+// (what torch's CUDA_KERNEL_ASSERT calls too).
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept __attribute__((__noreturn__));
+
+namespace moe {
+namespace cuda {
+namespace {
+
+// The asynchronous report of an expert index outside [0, E), for the sync-free dropless path: a
+// device-side assert, as torch's own indexing kernels raise (the host sees "device-side assert
+// triggered" at its next sync; the message names the op). __assert_fail, not assert(): extensions
+// build with NDEBUG.
+__global__ void check_experts_kernel(const int64_t* __restrict__ info, int64_t E) {
+  if (info[2] != 0) {
+    printf("moe routing_index: an expert index is outside [0, %lld)\n", static_cast<long long>(E));
+    __assert_fail("moe routing_index: expert index outside [0, num_experts)", __FILE__, __LINE__, __func__);
+  }
+}
+
 // One warp per chunk walks its pairs in order, so ranks within an expert follow the flat order.
 // kBucket: order[bucket_start[e] + rank] = pair. Else: rank < kept[e] -> row offsets[e] + rank.
 template <bool kBucket>
@@ -169,15 +194,22 @@ __global__ void assign_kernel(const int64_t* __restrict__ experts, int64_t n, in
   const unsigned lower = (1u << lane) - 1u;
   for (int64_t base = begin; base < end; base += 32) {
     const int64_t p = base + lane;
-    const bool active = p < end;
-    const long long e = active ? experts[p] : -1 - lane;  // inactive lanes match nobody
+    const bool in_chunk = p < end;
+    const int64_t ep = in_chunk ? experts[p] : -1;
+    // An index outside [0, E) (counted by hist_kernel, reported by the caller) takes no rank and no
+    // row, so nothing here reads or writes out of bounds before that report.
+    const bool active = in_chunk && ep >= 0 && ep < E;
+    const long long e = active ? ep : -1 - lane;  // inactive lanes match nobody
     const unsigned peers = match_peers(e);
     int64_t r = 0;
     if (active) r = run[e] + __popc(peers & lower);
     __syncwarp();
     if (active && lane == __ffs(peers) - 1) run[e] += __popc(peers);
     __syncwarp();
-    if (!active) continue;
+    if (!active) {
+      if (in_chunk && !kBucket) dest[p] = -1;
+      continue;
+    }
     if (kBucket) {
       out[offsets[e] + r] = p;
     } else if (r < kept[e]) {
@@ -523,6 +555,11 @@ int routing_count(const int64_t* experts, int64_t n, int64_t E, int64_t capacity
   scan_chunks_kernel<<<static_cast<unsigned>(E), kScanBlock, 0, s>>>(hist, ch.num_chunks, counts);
   if (int err = last_error()) return err;
   offsets_kernel<<<1, kOffsetsBlock, 0, s>>>(counts, E, capacity, kept, offsets, bucket_start, info);
+  return last_error();
+}
+
+int routing_check(const int64_t* info, int64_t E, void* stream) {
+  check_experts_kernel<<<1, 1, 0, as_stream(stream)>>>(info, E);
   return last_error();
 }
 

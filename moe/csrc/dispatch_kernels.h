@@ -32,6 +32,11 @@ int routing_count(const int64_t* experts, int64_t n, int64_t E, int64_t capacity
                   int32_t* hist, int64_t* counts, int64_t* kept, int64_t* offsets, int64_t* bucket_start,
                   int64_t* info, void* stream);
 
+// Without a host sync (nothing can be dropped, so num_rows = n is known): a device-side assert when
+// routing_count found an expert index outside [0, E) (info[2]). Phase 2 skips such pairs (dest -1), so
+// nothing reads or writes out of bounds before the assert fires.
+int routing_check(const int64_t* info, int64_t E, void* stream);
+
 // Phase 2, by position (no priority, or no expert over capacity): dest [n] and src [num_rows].
 int routing_assign(const int64_t* experts, int64_t n, int64_t k, int64_t E, RoutingChunking ch,
                    const int32_t* hist, const int64_t* kept, const int64_t* offsets, int64_t* dest,
