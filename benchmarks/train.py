@@ -6,7 +6,8 @@
 Builds both models from their experiment configs (default: the quickstart pair), then times full
 training steps (forward, backward, AdamW step) on the same random token batches, alternating
 dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
-Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`. Freed memory is kept
+Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`; `train.compile=true`
+times both models torch.compile-d (moe/parallel.py `apply_compile`). Freed memory is kept
 for reuse as `moe train` does (train.keep_freed_memory); --system-alloc keeps glibc's default.
 """
 from __future__ import annotations
@@ -31,6 +32,10 @@ def build(cfg_path: str, overrides):
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 257 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size
     model = GPT(cfg.model)
+    if cfg.train.compile:  # as `moe train` does (the warm-up steps compile)
+        from moe.parallel import apply_compile
+
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return cfg, model, opt, count_params(model)
 
@@ -72,7 +77,7 @@ def main(argv=None) -> dict:
                 times[name].append(time.perf_counter() - t0)
     tokens = B * S
     result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps,
-              "freed_memory_reused": reused}
+              "freed_memory_reused": reused, "compiled": bool(cfg.train.compile)}
     for name, (c, _, _, params) in runs.items():
         med = statistics.median(times[name])
         result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}
@@ -82,7 +87,7 @@ def main(argv=None) -> dict:
     p25, _, p75 = quartiles([d / m for d, m in zip(times["dense"], times["moe"])])
     result["moe_over_dense_p25"], result["moe_over_dense_p75"] = p25, p75
     print(f"training step, {tokens} tokens/step, median of {args.steps} alternating steps, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads{', torch.compile' if cfg.train.compile else ', eager'}")
     print(f"{'model':<8}{'params active':>15}{'params total':>14}{'step ms':>10}{'tokens/s':>11}")
     for name in ("dense", "moe"):
         r = result[name]

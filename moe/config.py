@@ -222,7 +222,8 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics line every n steps."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile each transformer block (moe/parallel.py `apply_compile`): the first training step
+    and the first evaluation compile (seconds to a minute), later steps run the compiled code."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
     keep_freed_memory: bool = True

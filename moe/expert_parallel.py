@@ -255,6 +255,7 @@ class TokenExchange:
         return out
 
     # --- hooks
+    @torch.compiler.disable  # collectives with host-side split sizes, timing, fault injection: eager
     def dispatch(self, experts: nn.Module, args: tuple):
         import torch.distributed as dist
 
@@ -282,6 +283,7 @@ class TokenExchange:
         self._pending.append((order, in_splits, out_splits, grouped))
         return grouped, local_counts.to(counts.device)
 
+    @torch.compiler.disable
     def combine(self, experts: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         order, in_splits, out_splits, grouped = self._pending.pop()
         if torch.is_grad_enabled() and grouped.requires_grad:

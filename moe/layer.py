@@ -41,6 +41,10 @@ class RouterStats:
     Expert choice (every token lists every expert): `tokens_per_expert` is what each expert kept,
     and `slots`/`dropped` count tokens and the tokens no expert took. `dropped_tokens` counts tokens
     that got no expert at all (they pass through the residual path) for every router.
+
+    Every accumulator is a float64 tensor on the layer's device (None until the first update): no
+    Python number changes from call to call, so a compiled layer is not recompiled for each new value
+    (torch.compile guards on Python numbers it reads).
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -49,26 +53,31 @@ class RouterStats:
 
     def reset(self) -> None:
         self.tokens_per_expert: Optional[torch.Tensor] = None
-        self.dropped = 0.0
-        self.slots = 0.0
-        self.dropped_tokens = 0.0
+        self.dropped: Optional[torch.Tensor] = None
+        self.slots: Optional[torch.Tensor] = None
+        self.dropped_tokens: Optional[torch.Tensor] = None
         self.entropy_sum: Optional[torch.Tensor] = None
         self.lse2_sum: Optional[torch.Tensor] = None
-        self.tokens = 0
+        self.tokens: Optional[torch.Tensor] = None
+        self.calls: Optional[torch.Tensor] = None
         self.losses: Dict[str, torch.Tensor] = {}
-        self.calls = 0
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name)
+        setattr(self, name, value if current is None else current + value)
 
     @torch.no_grad()
     def update(self, decision, index, num_tokens: int) -> None:
         E = self.num_experts
+        zero = decision.scores.new_zeros((), dtype=torch.float64)
         if not decision.expert_choice and decision.slot_mask is None and index.num_dropped == 0:
             # every chosen pair kept (dropless): the kept counts are the routed counts, nothing dropped
             routed = index.tokens_per_expert[:E].double()
-            slots, dropped, dropped_tokens = float(index.dest_rows.numel()), 0.0, 0.0
+            slots, dropped, dropped_tokens = zero + index.dest_rows.numel(), zero, zero
         elif decision.expert_choice:
             kept = index.dest_rows >= 0
             routed = index.tokens_per_expert[:E].double()
-            slots = torch.tensor(float(num_tokens), device=kept.device, dtype=torch.float64)
+            slots = zero + num_tokens
             dropped_tokens = (~kept.any(dim=1)).sum().double()
             dropped = dropped_tokens
         else:
@@ -78,20 +87,19 @@ class RouterStats:
             slots = used.sum().double()
             dropped = (used & ~kept).sum().double()
             dropped_tokens = (~(kept & used).any(dim=1)).sum().double()
-        self.tokens_per_expert = routed if self.tokens_per_expert is None else self.tokens_per_expert + routed
-        self.dropped = self.dropped + dropped
-        self.slots = self.slots + slots
-        self.dropped_tokens = self.dropped_tokens + dropped_tokens
+        self._add("tokens_per_expert", routed)
+        self._add("dropped", dropped)
+        self._add("slots", slots)
+        self._add("dropped_tokens", dropped_tokens)
         p = decision.scores / decision.scores.sum(-1, keepdim=True)
-        ent = torch.special.entr(p).sum().double()  # -p log p, 0 at p = 0
-        self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
+        self._add("entropy_sum", torch.special.entr(p).sum().double())  # -p log p, 0 at p = 0
         # the quantity the z-loss penalises, logged whatever its coefficient (0 included)
-        lse2 = torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double()
-        self.lse2_sum = lse2 if self.lse2_sum is None else self.lse2_sum + lse2
-        self.tokens += num_tokens
+        self._add("lse2_sum", torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double())
+        self._add("tokens", zero + num_tokens)
+        self._add("calls", zero + 1)
         for k, v in decision.losses.items():
-            self.losses[k] = self.losses.get(k, 0.0) + v.detach().double()
-        self.calls += 1
+            v = v.detach().double()
+            self.losses[k] = v if k not in self.losses else self.losses[k] + v
 
 
 class MoELayer(nn.Module):

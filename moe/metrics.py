@@ -48,7 +48,7 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
         names = sorted(s.losses)
         loss_names.append(names)
         dev = s.tokens_per_expert.device
-        scalars = [s.dropped, s.slots, s.dropped_tokens, float(s.tokens), s.entropy_sum, float(s.calls), s.lse2_sum]
+        scalars = [s.dropped, s.slots, s.dropped_tokens, s.tokens, s.entropy_sum, s.calls, s.lse2_sum]
         scalars += [s.losses[n] for n in names]
         rows.append(torch.cat([s.tokens_per_expert.double(),
                                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())

@@ -148,6 +148,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def apply_compile(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (`nn.Module.compile`: parameter names, state dicts
+    and DeepSpeed's parameter groups are unchanged). Blocks of one kind share their compiled code, so
+    depth does not add compile time; a dense and an MoE block each compile once per mode (training,
+    evaluation). An MoE layer compiles whole, router statistics included, with the extension's ops or
+    `grouped` experts; an expert-parallel token exchange runs eagerly between the compiled parts."""
+    for block in model.blocks:
+        block.compile()
+
+
 def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: int):
     """Wrap the model in a DeepSpeed engine with a torch AdamW and a warmup+cosine schedule, after
     sharding its experts when parallel.ep_size > 1 (the model must be built with the same seed on
@@ -158,6 +168,8 @@ def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: i
 
     t = cfg.train
     expert_parallel.apply_expert_parallel(model, cfg.parallel.ep_size, cfg.parallel.timeout_s)
+    if t.compile:
+        apply_compile(model)
     dtype = resolve_dtype(t.dtype, dist_info.device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), eps=t.eps)

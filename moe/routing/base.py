@@ -50,10 +50,7 @@ class RoutingDecision:
 
     def routed_counts(self, num_experts: int) -> torch.Tensor:
         """[E] int64: (token, slot) pairs the router sent to each expert, before any capacity drop."""
-        idx = self.expert_indices
-        if self.slot_mask is not None:
-            idx = idx[self.slot_mask]
-        return torch.bincount(idx.reshape(-1), minlength=num_experts)
+        return L.expert_counts(self.expert_indices, num_experts, self.slot_mask)
 
 
 class Router(nn.Module):
