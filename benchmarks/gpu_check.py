@@ -25,7 +25,9 @@ recorded with its error (traceback on stderr) and the next one still runs. A sum
    host sync, so the capture works; a failed capture is reported and the row marked eager) against
    each other;
 5. training: steps of the quickstart MoE model (fp32 weights, autocast to the dtype, AdamW) on a
-   learnable toy stream: the loss must fall.
+   learnable toy stream: the loss must fall;
+6. compiled: the same with every block torch.compile-d (`train.compile=true`) next to eager: the
+   compile time, steady-state tokens/s of both and how far the losses drift apart.
 """
 from __future__ import annotations
 
@@ -252,38 +254,69 @@ def stage_layer(args, device, dtype, state):
     return rows
 
 
-def stage_training(args, device, dtype, state):
+def _train(device, dtype, steps, compile_blocks=False):
+    """Steps of the quickstart MoE model (fp32 weights, autocast to dtype, AdamW) on a learnable toy
+    stream (repeated 32-token motifs): (losses, seconds per step), both per step."""
     from moe.config import load_config
     from moe.model import GPT
+    from moe.parallel import apply_compile
 
-    steps = 30 if args.quick else 200
     cfg = load_config("experiments/quickstart_moe.yaml", ["model.vocab_size=257"])
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
+    if compile_blocks:
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    motif = torch.randint(0, 257, (64, 32), generator=gen)  # a learnable toy stream: repeated 32-token motifs
-    losses = []
-    sync(device)
-    t0 = time.perf_counter()
+    motif = torch.randint(0, 257, (64, 32), generator=gen)
+    losses, times = [], []
     for _ in range(steps):
         rows = motif[torch.randint(0, 64, (8, 9), generator=gen)].reshape(8, -1)[:, :257].to(device)
+        sync(device)
+        t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(rows[:, :-1], rows[:, 1:])
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-    sync(device)
-    res = {"steps": steps, "first": losses[0], "last": losses[-1],
-           "tokens_per_s": steps * 8 * 256 / (time.perf_counter() - t0)}
+        losses.append(float(out.loss.detach()))  # syncs
+        times.append(time.perf_counter() - t0)
+    return losses, times
+
+
+def stage_training(args, device, dtype, state):
+    steps = 30 if args.quick else 200
+    losses, times = _train(device, dtype, steps)
+    res = {"steps": steps, "first": losses[0], "last": losses[-1], "tokens_per_s": steps * 8 * 256 / sum(times)}
     print(f"training {steps} steps: loss {res['first']:.3f} -> {res['last']:.3f}, {res['tokens_per_s']:,.0f} tokens/s")
     assert res["last"] < res["first"] - 0.5, f"loss did not fall: {res['first']:.3f} -> {res['last']:.3f}"
     return res
 
 
+def stage_compiled(args, device, dtype, state):
+    """The same training with every block torch.compile-d (`train.compile=true`), next to eager: the
+    compile time (first step), steady-state tokens/s of both, and how far the losses drift apart."""
+    import statistics
+
+    steps = 12 if args.quick else 60
+    eager_losses, eager_times = _train(device, dtype, steps)
+    losses, times = _train(device, dtype, steps, compile_blocks=True)
+    steady = slice(steps // 3, None)  # after compilation and warm-up
+    tok = 8 * 256
+    res = {"steps": steps, "first_step_s": times[0], "first": losses[0], "last": losses[-1],
+           "tokens_per_s": tok / statistics.median(times[steady]),
+           "eager_tokens_per_s": tok / statistics.median(eager_times[steady]),
+           "max_loss_diff": max(abs(a - b) for a, b in zip(losses, eager_losses))}
+    res["speedup"] = res["tokens_per_s"] / res["eager_tokens_per_s"]
+    print(f"compiled training {steps} steps: loss {res['first']:.3f} -> {res['last']:.3f}; first step "
+          f"{res['first_step_s']:.1f} s; {res['tokens_per_s']:,.0f} vs eager {res['eager_tokens_per_s']:,.0f} tokens/s "
+          f"(x{res['speedup']:.2f}); max loss difference to eager {res['max_loss_diff']:.3g}")
+    assert res["last"] < res["first"] - 0.3, f"loss did not fall: {res['first']:.3f} -> {res['last']:.3f}"
+    return res
+
+
 STAGES = {"device": stage_device, "ops": stage_ops, "dispatch": stage_dispatch, "layer": stage_layer,
-          "training": stage_training}
+          "training": stage_training, "compiled": stage_compiled}
 
 
 def print_summary(result):
@@ -312,6 +345,10 @@ def print_summary(result):
     t = result.get("training", {})
     if "last" in t:
         print(f"training {t['steps']} steps: loss {t['first']:.3f} -> {t['last']:.3f}, {t['tokens_per_s']:,.0f} tokens/s")
+    c = result.get("compiled", {})
+    if "speedup" in c:
+        print(f"compiled training: first step {c['first_step_s']:.1f} s, {c['tokens_per_s']:,.0f} tokens/s "
+              f"(x{c['speedup']:.2f} eager), max loss difference {c['max_loss_diff']:.3g}")
 
 
 def main(argv=None):
