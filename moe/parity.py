@@ -5,7 +5,8 @@ global batches and compare them step by step.
         --layouts "ep=1,nproc=1" "ep=2" "ep=4" "ep=2,zero=1" --steps 5 --nproc 4
 
 A layout is comma-separated `key=value`: `ep` (parallel.ep_size), `nproc` (processes; default
---nproc), `zero` (train.zero_stage), `mbs` (train.micro_batch_size), or any dotted config key. Every
+--nproc), `zero` (train.zero_stage), `mbs` (train.micro_batch_size), `compile` (train.compile: the
+compiled model against eager), or any dotted config key. Every
 layout keeps the same global batch (train.global_batch_size; when the config leaves it 0, micro batch
 x the largest nproc), so layouts with fewer processes accumulate gradients over more micro-batches.
 Each layout runs as its own processes on this machine (torchrun --standalone) through the same
@@ -36,7 +37,8 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-ALIASES = {"ep": "parallel.ep_size", "zero": "train.zero_stage", "mbs": "train.micro_batch_size"}
+ALIASES = {"ep": "parallel.ep_size", "zero": "train.zero_stage", "mbs": "train.micro_batch_size",
+           "compile": "train.compile"}
 LOSS_KINDS = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
 
 
