@@ -296,6 +296,8 @@ def train(cfg: Config) -> Dict[str, Any]:
               f"{tokens_per_step} tokens/step, world {world_size}, grad accum {accum}, device {dist_info.device}, "
               f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}, "
               f"freed host memory {'kept for reuse' if setup.freed_memory_kept else 'returned to the OS'}"
+              + ("; blocks torch.compile-d (the first step and the first evaluation compile)" if cfg.train.compile
+                 else "")
               + (f"; resuming from {tag}" if resumed else ""), flush=True)
     logger = None
     if rank == 0:
