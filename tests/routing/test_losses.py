@@ -3,9 +3,20 @@ invariant (same value and gradient whether a batch is processed whole or in micr
 import pytest
 import torch
 
-from moe.routing.losses import (global_load_balancing_loss, load_balancing_loss, sequence_load_balancing_loss,
+from moe.routing.losses import (expert_counts, global_load_balancing_loss, load_balancing_loss, sequence_load_balancing_loss,
                                 z_loss)
 from tests.routing.helpers import router
+
+
+def test_expert_counts_equal_bincount_and_compile_without_breaks():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 6, (50, 3), generator=g)
+    mask = torch.rand(50, 3, generator=g) > 0.3
+    torch.testing.assert_close(expert_counts(idx, 8), torch.bincount(idx.reshape(-1), minlength=8))
+    torch.testing.assert_close(expert_counts(idx, 8, mask), torch.bincount(idx[mask], minlength=8))
+    assert expert_counts(idx[:0], 8).tolist() == [0] * 8
+    compiled = torch.compile(expert_counts, fullgraph=True, backend="aot_eager")  # static shape: no graph break
+    torch.testing.assert_close(compiled(idx, 8, mask), expert_counts(idx, 8, mask))
 
 
 def test_sequence_loss_hand_computed():
