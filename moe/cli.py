@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _die(msg: str) -> "NoReturn":  # noqa: F821
+def _die(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -3,8 +3,8 @@ invariant (same value and gradient whether a batch is processed whole or in micr
 import pytest
 import torch
 
-from moe.routing.losses import (expert_counts, global_load_balancing_loss, load_balancing_loss, sequence_load_balancing_loss,
-                                z_loss)
+from moe.routing.losses import (expert_counts, global_load_balancing_loss, load_balancing_loss,
+                                sequence_load_balancing_loss, z_loss)
 from tests.routing.helpers import router
 
 
