@@ -35,7 +35,7 @@ if grep -q "built moe._C (CUDA)" "$log"; then tail -n 2 "$log"; else tail -n 40 
 echo "extension build: $(( $(date +%s) - start )) s (log: $log)"
 $PY -c "from moe import ops; print('dispatch backend:', ops.dispatch_backend('auto'))"
 start=$(date +%s)
-tests=$(MOE_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
+tests=$(MOE_TEST_DEVICE=cuda timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
         2>&1 | tee /dev/stderr | tail -n 1) || true
 echo "op tests on cuda: $(( $(date +%s) - start )) s"
 rc=0
