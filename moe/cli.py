@@ -264,9 +264,13 @@ def cmd_info(args) -> None:
 
     rows = [("moe", __import__("moe").__version__), ("python", platform.python_version()),
             ("torch", torch.__version__)]
+    import warnings
+
     for pkg in ("deepspeed", "megatron.core", "wandb", "datasets", "tokenizers"):
         try:
-            mod = __import__(pkg, fromlist=["__version__"])
+            with warnings.catch_warnings():  # e.g. megatron-core's four "Transformer Engine and Apex" notes
+                warnings.simplefilter("ignore")
+                mod = __import__(pkg, fromlist=["__version__"])
             rows.append((pkg, getattr(mod, "__version__", "?")))
         except Exception as exc:  # a broken optional install should not hide the rest
             rows.append((pkg, f"not importable ({type(exc).__name__})"))
