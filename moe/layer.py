@@ -7,7 +7,7 @@ token passes through the block's residual connection unchanged.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,36 +42,44 @@ class RouterStats:
     and `slots`/`dropped` count tokens and the tokens no expert took. `dropped_tokens` counts tokens
     that got no expert at all (they pass through the residual path) for every router.
 
-    Every accumulator is a float64 tensor on the layer's device (None until the first update): no
-    Python number changes from call to call, so a compiled layer is not recompiled for each new value
-    (torch.compile guards on Python numbers it reads).
+    Everything accumulates in one float64 vector on the layer's device, `packed` = [tokens_per_expert
+    (E) | SCALARS | the weighted losses named in `loss_names`] (None until the first update; the
+    layout metrics all-reduces). One tensor and no Python number that changes from call to call, so a
+    compiled layer is not recompiled for new values (torch.compile guards on Python numbers) nor for
+    two statistics that happen to be the same tensor.
     """
+
+    SCALARS = ("dropped", "slots", "dropped_tokens", "tokens", "entropy_sum", "calls", "lse2_sum")
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self.reset()
 
     def reset(self) -> None:
-        self.tokens_per_expert: Optional[torch.Tensor] = None
-        self.dropped: Optional[torch.Tensor] = None
-        self.slots: Optional[torch.Tensor] = None
-        self.dropped_tokens: Optional[torch.Tensor] = None
-        self.entropy_sum: Optional[torch.Tensor] = None
-        self.lse2_sum: Optional[torch.Tensor] = None
-        self.tokens: Optional[torch.Tensor] = None
-        self.calls: Optional[torch.Tensor] = None
-        self.losses: Dict[str, torch.Tensor] = {}
+        self.packed: Optional[torch.Tensor] = None
+        self.loss_names: Tuple[str, ...] = ()
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        current = getattr(self, name)
-        setattr(self, name, value if current is None else current + value)
+    def __getattr__(self, name: str):
+        # the packed entries by name (tokens_per_expert, the SCALARS, losses): for readers and tests
+        if name in RouterStats.SCALARS or name in ("tokens_per_expert", "losses"):
+            packed, E = self.__dict__["packed"], self.__dict__["num_experts"]
+            if packed is None:
+                return None if name != "losses" else {}
+            if name == "tokens_per_expert":
+                return packed[:E]
+            if name == "losses":
+                return {n: packed[E + len(self.SCALARS) + i] for i, n in enumerate(self.loss_names)}
+            return packed[E + self.SCALARS.index(name)]
+        raise AttributeError(name)
 
     @torch.no_grad()
-    def update(self, decision, index, num_tokens: int) -> None:
+    def update(self, decision, index, num_tokens: int, dropless: bool) -> None:
+        """dropless: the layer ran without a capacity, so nothing was dropped (static, unlike the
+        kept-row count a capacity makes data dependent)."""
         E = self.num_experts
         zero = decision.scores.new_zeros((), dtype=torch.float64)
-        if not decision.expert_choice and decision.slot_mask is None and index.num_dropped == 0:
-            # every chosen pair kept (dropless): the kept counts are the routed counts, nothing dropped
+        if not decision.expert_choice and decision.slot_mask is None and dropless:
+            # every chosen pair kept: the kept counts are the routed counts, nothing dropped
             routed = index.tokens_per_expert[:E].double()
             slots, dropped, dropped_tokens = zero + index.dest_rows.numel(), zero, zero
         elif decision.expert_choice:
@@ -87,19 +95,20 @@ class RouterStats:
             slots = used.sum().double()
             dropped = (used & ~kept).sum().double()
             dropped_tokens = (~(kept & used).any(dim=1)).sum().double()
-        self._add("tokens_per_expert", routed)
-        self._add("dropped", dropped)
-        self._add("slots", slots)
-        self._add("dropped_tokens", dropped_tokens)
         p = decision.scores / decision.scores.sum(-1, keepdim=True)
-        self._add("entropy_sum", torch.special.entr(p).sum().double())  # -p log p, 0 at p = 0
+        entropy = torch.special.entr(p).sum().double()  # -p log p, 0 at p = 0
         # the quantity the z-loss penalises, logged whatever its coefficient (0 included)
-        self._add("lse2_sum", torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double())
-        self._add("tokens", zero + num_tokens)
-        self._add("calls", zero + 1)
-        for k, v in decision.losses.items():
-            v = v.detach().double()
-            self.losses[k] = v if k not in self.losses else self.losses[k] + v
+        lse2 = torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double()
+        names = tuple(sorted(decision.losses))
+        scalars = [dropped, slots, dropped_tokens, zero + num_tokens, entropy, zero + 1, lse2]
+        scalars += [decision.losses[n].detach().double().reshape(()) for n in names]
+        packed = torch.cat([routed, torch.stack(scalars)])
+        if self.packed is None:
+            self.packed, self.loss_names = packed, names
+        elif names != self.loss_names:
+            raise RuntimeError(f"router losses changed between forward passes: {self.loss_names} -> {names}")
+        else:
+            self.packed = self.packed + packed
 
 
 class MoELayer(nn.Module):
@@ -140,8 +149,8 @@ class MoELayer(nn.Module):
             gate_weights = gate_weights * decision.slot_mask
             num_buckets = E + 1
         backend = self.dispatch_backend
-        index = ops.build_routing_index(expert_indices, num_buckets, self.capacity(flat.shape[0]),
-                                        decision.priority, backend=backend)
+        capacity = self.capacity(flat.shape[0])
+        index = ops.build_routing_index(expert_indices, num_buckets, capacity, decision.priority, backend=backend)
         expert_in = ops.permute(flat, index, backend=backend)
         if num_buckets > E:
             counts = index.tokens_per_expert[:E]
@@ -155,5 +164,5 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(flat)
         self.aux_losses = decision.losses if self.training else {}
         if self.training:
-            self.stats.update(decision, index, flat.shape[0])
+            self.stats.update(decision, index, flat.shape[0], dropless=capacity is None)
         return out.view(shape)

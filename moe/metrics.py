@@ -38,22 +38,13 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
     - aux-loss-free balancing: `bias` (list), `bias_range` (max - min; the bias is shift-invariant)
       and `bias_std`.
     """
-    active = [(lid, layer) for lid, layer in layers.items() if layer.stats.tokens_per_expert is not None]
+    active = [(lid, layer) for lid, layer in layers.items() if layer.stats.packed is not None]
     if not active:
         return {}
-    # pack [counts E | dropped, slots, dropped_tokens, tokens, entropy, calls, lse2 | losses] per layer
-    rows, loss_names = [], []
-    for _, layer in active:
-        s = layer.stats
-        names = sorted(s.losses)
-        loss_names.append(names)
-        dev = s.tokens_per_expert.device
-        scalars = [s.dropped, s.slots, s.dropped_tokens, s.tokens, s.entropy_sum, s.calls, s.lse2_sum]
-        scalars += [s.losses[n] for n in names]
-        rows.append(torch.cat([s.tokens_per_expert.double(),
-                               torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
-                                            for v in scalars])]))
-    packed = torch.cat(rows)
+    # each layer's stats are already one vector: [counts E | dropped, slots, dropped_tokens, tokens,
+    # entropy, calls, lse2 | losses] (moe/layer.py RouterStats)
+    loss_names = [list(layer.stats.loss_names) for _, layer in active]
+    packed = torch.cat([layer.stats.packed for _, layer in active])
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
