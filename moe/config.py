@@ -223,7 +223,9 @@ class TrainConfig:
     """Write a metrics line every n steps."""
     compile: bool = False
     """torch.compile each transformer block (moe/parallel.py `apply_compile`): the first training step
-    and the first evaluation compile (seconds to a minute), later steps run the compiled code."""
+    and the first evaluation compile (seconds to a minute), later steps run the compiled code. Losses
+    and router statistics equal eager's to rounding, except that routers drawing random numbers
+    (noisy_gating, jitter_eps, random_routing) draw other numbers than eager does."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
     keep_freed_memory: bool = True
