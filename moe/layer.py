@@ -61,7 +61,7 @@ class RouterStats:
 
     def __getattr__(self, name: str):
         # the packed entries by name (tokens_per_expert, the SCALARS, losses): for readers and tests
-        if name in RouterStats.SCALARS or name in ("tokens_per_expert", "losses"):
+        if "packed" in self.__dict__ and (name in RouterStats.SCALARS or name in ("tokens_per_expert", "losses")):
             packed, E = self.__dict__["packed"], self.__dict__["num_experts"]
             if packed is None:
                 return None if name != "losses" else {}
