@@ -72,6 +72,16 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(min_capacity, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
+def expert_counts(expert_indices: torch.Tensor, num_experts: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[E] int64: how many entries of `expert_indices` (any shape) name each expert; with `mask` (same
+    shape, bool) only the True ones. Unlike bincount (whose length depends on the largest index) the
+    shape is static, so it stays inside a compiled graph and makes no host sync on a GPU."""
+    idx = expert_indices.reshape(-1).long()
+    ones = torch.ones_like(idx) if mask is None else mask.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, idx, ones)
+
+
 def build_routing_index_reference(expert_indices: torch.Tensor, num_experts: int,
                                   capacity: Optional[int] = None,
                                   priority: Optional[torch.Tensor] = None) -> RoutingIndex:
@@ -95,18 +105,17 @@ def build_routing_index_reference(expert_indices: torch.Tensor, num_experts: int
         else:
             order = torch.argsort(priority.reshape(-1).float(), descending=True, stable=True)
         order = order[torch.argsort(flat[order], stable=True)]
-        counts_all = torch.bincount(flat, minlength=num_experts)
+        counts_all = expert_counts(flat, num_experts)
         starts = torch.cumsum(counts_all, 0) - counts_all
         rank = torch.empty(n, dtype=torch.long, device=dev)
         rank[order] = torch.arange(n, device=dev) - starts[flat[order]]
         kept = rank < capacity
         key = torch.where(kept, flat, torch.full_like(flat, num_experts))
         num_rows = int(kept.sum())  # data dependent: a host sync
-        tokens_per_expert = torch.bincount(flat[kept], minlength=num_experts)
+        tokens_per_expert = expert_counts(flat, num_experts, kept)
     else:  # dropless: every pair kept, so the size is known and nothing waits for the device
         key, num_rows = flat, n
-        tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=dev).index_add_(
-            0, flat, torch.ones_like(flat))
+        tokens_per_expert = expert_counts(flat, num_experts)
     sorted_pairs = torch.argsort(key, stable=True)
     kept_pairs = sorted_pairs[:num_rows]
     dest = torch.full((n,), -1, dtype=torch.long, device=dev)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.ops import expert_counts
 from moe.routing import losses as L
 
 
@@ -50,7 +51,7 @@ class RoutingDecision:
 
     def routed_counts(self, num_experts: int) -> torch.Tensor:
         """[E] int64: (token, slot) pairs the router sent to each expert, before any capacity drop."""
-        return L.expert_counts(self.expert_indices, num_experts, self.slot_mask)
+        return expert_counts(self.expert_indices, num_experts, self.slot_mask)
 
 
 class Router(nn.Module):

@@ -22,15 +22,7 @@ from __future__ import annotations
 
 import torch
 
-
-def expert_counts(expert_indices: torch.Tensor, num_experts: int,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[E] int64: how many entries of `expert_indices` (any shape) name each expert; with `mask` (same
-    shape, bool) only the True ones. Unlike bincount (whose length depends on the largest index) the
-    shape is static, so it stays inside a compiled graph and makes no host sync on a GPU."""
-    idx = expert_indices.reshape(-1).long()
-    ones = torch.ones_like(idx) if mask is None else mask.reshape(-1).long()
-    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, idx, ones)
+from moe.ops import expert_counts
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
