@@ -3,8 +3,11 @@
 The pipeline, in the order a training run meets it:
 
 1. **Documents.** `data.dataset` names a corpus: `embedded:stdlib` (this Python's own standard
-   library source, present offline on every machine), a local text/json/jsonl/parquet file or folder,
-   or a Hugging Face hub dataset (online only). Each corpus is read as a stream of documents.
+   library source, present offline on every machine), a local text/json/jsonl/parquet file or folder
+   (an existing file of any other type is plain text), or a Hugging Face hub dataset (online, or
+   from the HF cache). Each corpus is read as a stream of documents, and no further than
+   `data.max_bytes`: a text file is read up to it, JSON lines and parquet stop at the record that
+   reaches it.
 2. **Split.** Each document goes to validation when a hash of its text falls below
    `data.val_fraction`. Hashing the text (not the position) keeps the split stable when documents
    are added, removed or reordered, and sends exact duplicates to the same side. (Tiny corpora get
@@ -18,8 +21,13 @@ The pipeline, in the order a training run meets it:
    `BatchSampler` cuts it into fixed-length windows and deals them to data-parallel ranks in a
    seeded, resumable order.
 
-Heavy libraries (megatron-core, `datasets`, `tokenizers`) are imported inside the functions that
-need them: `moe.config.validate` imports this module for `EMBEDDED_CORPORA`, and a config check
+Unusable data -- a missing path, no text, a split too small, a malformed JSON line, no
+`data.text_field` column, a hub name with the hub out of reach -- raises `moe.errors.DataError`
+with one line naming the file, line, column or dataset, before anything is written to the cache
+(`prepare_data`'s and `tokenize_file_for_eval`'s checks run before the build).
+
+Heavy libraries (megatron-core, `datasets`, `tokenizers`, pyarrow) are imported inside the functions
+that need them: `moe.config.validate` imports this module for `EMBEDDED_CORPORA`, and a config check
 should not pay several seconds of imports.
 """
 from __future__ import annotations
@@ -30,15 +38,19 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from moe.errors import DataError
 
 if TYPE_CHECKING:  # only for annotations; moe.config imports this module lazily, never at load time
     import torch
@@ -56,8 +68,8 @@ EMBEDDED_CORPORA: Tuple[str, ...] = ("embedded:stdlib",)
 # never reused silently.
 _CACHE_VERSION = 1
 
-# Local files we know how to read. Plain text is read whole (one document per file); the others go
-# through Hugging Face `datasets`, one document per row.
+# Local files we know how to read in a folder. Plain text is one document per file; json, jsonl and
+# parquet one document per record. A single file of any other type (or none) is read as plain text.
 _PLAIN_TEXT_EXTS = (".txt", ".md")
 _JSON_EXTS = (".json", ".jsonl")
 _PARQUET_EXTS = (".parquet",)
@@ -214,7 +226,7 @@ def load_saved_tokenizer(directory: str) -> Tokenizer:
         from tokenizers import Tokenizer as _HF
 
         return HFTokenizer(_HF.from_file(tok_path), name=os.path.abspath(directory))
-    raise FileNotFoundError(f"no saved tokenizer in {directory} (expected {tok_path})")
+    raise DataFileNotFound(f"no saved tokenizer in {directory} (expected {tok_path})")
 
 
 def build_tokenizer(cfg: "DataConfig", train_texts: Optional[Callable[[], Iterable[str]]] = None) -> Tokenizer:
@@ -233,8 +245,8 @@ def build_tokenizer(cfg: "DataConfig", train_texts: Optional[Callable[[], Iterab
 
 
 def _build_bpe(cfg: "DataConfig", train_texts: Optional[Callable[[], Iterable[str]]]) -> Tokenizer:
-    corpus = _Corpus(_resolve_source(cfg.dataset, cfg.dataset_config, cfg.text_field, cfg.cache_dir),
-                     cfg.max_bytes, cfg.val_fraction)
+    corpus = _Corpus(_resolve_source(cfg.dataset, cfg.dataset_config, cfg.text_field), cfg.max_bytes,
+                     cfg.val_fraction)
     key = _hash_key({"kind": "bpe", "corpus": corpus.key(), "vocab_size": cfg.bpe_vocab_size})
     final = os.path.join(cfg.cache_dir, "tokenizers", f"bpe{cfg.bpe_vocab_size}-{corpus.source.slug}-{key}")
 
@@ -245,6 +257,8 @@ def _build_bpe(cfg: "DataConfig", train_texts: Optional[Callable[[], Iterable[st
         logger.info("trained a %d-token BPE tokenizer in %.1f s -> %s", cfg.bpe_vocab_size,
                     time.perf_counter() - t0, final)
 
+    if train_texts is None and not os.path.isdir(final):
+        corpus.check()  # prepare_data has checked its corpus already
     _build_once(final, train, is_writer=True)
     return load_saved_tokenizer(final)
 
@@ -278,16 +292,18 @@ def _load_pretrained(spec: str) -> Tokenizer:
     if os.path.isfile(path):
         return HFTokenizer(_HF.from_file(path), name=spec)
     if _looks_like_path(spec):
-        raise FileNotFoundError(f"data.tokenizer: file not found: {spec}")
+        raise DataFileNotFound(f"data.tokenizer: file not found: {spec}")
+    unreachable = _hub_unreachable()
     try:
-        tok = _HF.from_pretrained(spec)
+        # Unreachable: the local Hugging Face cache only, instead of ~25 s of network retries.
+        with _hub_offline() if unreachable else contextlib.nullcontext():
+            tok = _HF.from_pretrained(spec)
     except Exception as exc:
-        # ValueError (not the network library's own type) so callers that report bad settings
-        # (the CLI catches ValueError/FileNotFoundError) print this message instead of a traceback.
-        raise ValueError(
-            f"data.tokenizer={spec!r}: could not load it from the Hugging Face hub ({type(exc).__name__}: "
-            f"{exc}). Hub tokenizers need internet access; offline, use `bytes`, `bpe` or a local "
-            f"tokenizer.json path.") from exc
+        reason = f"the hub is unreachable: {unreachable}" if unreachable else f"{type(exc).__name__}: {_one_line(exc)}"
+        raise DataError(
+            f"data.tokenizer={spec!r}: not a local file or folder, and it could not be loaded from the Hugging "
+            f"Face hub ({reason}); hub tokenizers need internet access: offline, use `bytes`, `bpe` or a local "
+            f"tokenizer.json path") from exc
     return HFTokenizer(tok, name=spec)
 
 
@@ -305,6 +321,10 @@ def _find_or_add_eos(tok) -> int:
 # ================================================================================= raw documents
 
 
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A local path in the config does not exist (also a FileNotFoundError, which older callers catch)."""
+
+
 @dataclass
 class _Source:
     """A resolved `data.dataset`: where documents come from and what identifies them for caching."""
@@ -317,52 +337,96 @@ class _Source:
     text_field: str = "text"
     hub_config: Optional[str] = None
     hub_splits: Tuple[str, ...] = ("train",)
-    hf_cache_dir: Optional[str] = None
+    label: str = "data.dataset"  # what the user set, for messages: the config key or `evaluation data`
+    _hub_split: object = field(default=None, init=False, repr=False, compare=False)  # loaded once (see _load_hub_split)
 
-    def documents(self) -> Iterator[str]:
-        """Every non-empty document, in a fixed order."""
+    def documents(self, budget: Optional["_ByteBudget"] = None) -> Iterator[str]:
+        """Every non-empty document, in a fixed order; with a budget, only what it still admits."""
+        budget = budget or _ByteBudget(0)
         if self.kind == "hub":
-            docs: Iterable[str] = _hub_documents(self)
+            docs: Iterable[str] = _column_texts(self.hub_split(), self.text_field)
         else:
-            docs = _file_documents(self)
-        for doc in docs:
-            if doc:  # an empty document would only add a lone EOS
+            docs = _file_documents(self, budget)
+        # An empty document would only add a lone EOS.
+        return budget.take(doc for doc in docs if doc)
+
+    def hub_split(self):
+        if self._hub_split is None:
+            self._hub_split = _load_hub_split(self)
+        return self._hub_split
+
+    def describe(self) -> str:
+        """`data.dataset='x'` plus the absolute path a relative local path resolved to."""
+        where = f"{self.label}{'=' if self.label.startswith('data.') else ' '}{self.spec!r}"
+        if self.kind == "local" and self.fingerprint["path"] != self.spec:
+            where += f" ({self.fingerprint['path']})"
+        return where
+
+
+class _ByteBudget:
+    """At most `max_bytes` UTF-8 bytes of documents (0 = all); the last document is cut to fit exactly.
+
+    Readers ask `read_size()` before reading a file, so a 1 GB file with max_bytes=1e6 reads (and holds)
+    about 1 MB, and record readers stop at the first record past the budget.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.remaining = max_bytes if max_bytes > 0 else -1  # -1: no limit
+
+    def read_size(self) -> int:
+        # 4 bytes past the budget: every character that starts inside the budget then decodes as it
+        # does from the whole file, so `take` cuts the same text as after a full read.
+        return -1 if self.remaining < 0 else self.remaining + 4
+
+    def take(self, docs: Iterator[str]) -> Iterator[str]:
+        try:
+            for doc in docs:
+                if self.remaining < 0:
+                    yield doc
+                    continue
+                raw = _utf8(doc)
+                if len(raw) >= self.remaining:
+                    # 'ignore' drops a multi-byte character cut in half at the boundary.
+                    tail = raw[:self.remaining].decode("utf-8", errors="ignore")
+                    self.remaining = 0
+                    if tail:
+                        yield tail
+                    return
+                self.remaining -= len(raw)
                 yield doc
+        finally:
+            docs.close()  # closes the file the reader has open now, not whenever it is collected
 
 
-def _resolve_source(spec: str, dataset_config: Optional[str], text_field: str, cache_dir: str,
-                    hub_splits: Tuple[str, ...] = ("train",)) -> _Source:
+def _resolve_source(spec: str, dataset_config: Optional[str], text_field: str,
+                    hub_splits: Tuple[str, ...] = ("train",), label: str = "data.dataset") -> _Source:
+    """Reads nothing but file sizes: an existing file (any extension) or folder is local, a missing
+    name that looks like a path is an error, anything else is a hub name (checked when loaded)."""
     if spec.startswith("embedded:"):
         if spec != "embedded:stdlib":
-            raise ValueError(f"data.dataset: unknown embedded corpus {spec!r}; known: {', '.join(EMBEDDED_CORPORA)}")
+            raise DataError(f"{label}: unknown embedded corpus {spec!r}; known: {', '.join(EMBEDDED_CORPORA)}")
         root = sysconfig.get_paths()["stdlib"]
         files = _stdlib_files(root)
         # Keyed by Python version and the files' names and sizes, not mtimes or the install path:
         # ranks on different nodes must compute the same key for the same library.
         fp = {"kind": "embedded", "name": spec, "python": sys.version.split()[0],
               "files": [[os.path.relpath(p, root), os.path.getsize(p)] for p in files]}
-        return _Source("embedded", spec, "stdlib", files, fp)
+        return _Source("embedded", spec, "stdlib", files, fp, label=label)
 
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.exists(path):
-        if os.path.isdir(path):
-            files = _folder_files(path)
-            if not files:
-                raise ValueError(f"data.dataset: no {'/'.join(_SUPPORTED_EXTS)} files in folder {spec}")
-        else:
-            files = [path]
+        files = _folder_files(f"{label}: folder {spec}", path) if os.path.isdir(path) else [path]
         fp = {"kind": "local", "path": path,
               "files": [[os.path.relpath(p, path) if p != path else os.path.basename(p),
                          os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files],
               "text_field": text_field if _needs_text_field(files) else None}
         slug = _slug(os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0])
-        return _Source("local", spec, slug, files, fp, text_field=text_field,
-                       hf_cache_dir=os.path.join(cache_dir, "hf_datasets"))
+        return _Source("local", spec, slug, files, fp, text_field=text_field, label=label)
     if _looks_like_path(spec):
-        raise FileNotFoundError(f"data.dataset: file not found: {spec}")
+        raise DataFileNotFound(f"{label}: file not found: {spec} (no file or folder {path})")
     fp = {"kind": "hub", "name": spec, "config": dataset_config, "text_field": text_field, "splits": list(hub_splits)}
     return _Source("hub", spec, _slug(spec), [], fp, text_field=text_field, hub_config=dataset_config,
-                   hub_splits=hub_splits)
+                   hub_splits=hub_splits, label=label)
 
 
 def _stdlib_files(root: str) -> List[str]:
@@ -383,13 +447,16 @@ def _stdlib_files(root: str) -> List[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
 
 
-def _folder_files(folder: str) -> List[str]:
+def _folder_files(what: str, folder: str) -> List[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(_SUPPORTED_EXTS):
                 found.append(os.path.join(dirpath, name))
+    if not found:
+        raise DataError(f"{what} ({folder}) holds no {'/'.join(_SUPPORTED_EXTS)} files "
+                        f"(a folder's other files are skipped; name a single file to read it as plain text)")
     return sorted(found, key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
 
 
@@ -397,74 +464,244 @@ def _needs_text_field(files: List[str]) -> bool:
     return any(p.lower().endswith(_JSON_EXTS + _PARQUET_EXTS) for p in files)
 
 
-def _file_documents(source: _Source) -> Iterator[str]:
+def _file_documents(source: _Source, budget: _ByteBudget) -> Iterator[str]:
     for path in source.files:
         lower = path.lower()
-        if lower.endswith(_JSON_EXTS):
-            yield from _table_documents("json", path, source)
+        if lower.endswith(".jsonl"):
+            yield from _jsonl_documents(path, source.text_field)
+        elif lower.endswith(".json"):
+            yield from _json_documents(path, source.text_field)
         elif lower.endswith(_PARQUET_EXTS):
-            yield from _table_documents("parquet", path, source)
+            yield from _parquet_documents(path, source.text_field)
         else:
             # Plain text (and any single file of unknown type the user pointed at): the whole file
             # is one document, so windows span paragraphs and EOS marks real document ends. Read
             # as bytes and decoded leniently: one stray byte should not stop a run.
-            with open(path, "rb") as f:
-                yield f.read().decode("utf-8", errors="replace")
+            with _open_binary(path) as f:
+                yield f.read(budget.read_size()).decode("utf-8", errors="replace")
 
 
-def _table_documents(builder: str, path: str, source: _Source) -> Iterator[str]:
-    datasets = _import_datasets()
-    ds = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=source.hf_cache_dir)
-    if source.text_field not in ds.column_names:
-        raise ValueError(f"{path}: no field {source.text_field!r} (data.text_field); "
-                         f"available columns: {', '.join(ds.column_names)}")
-    yield from _column_texts(ds, source.text_field)
-
-
-def _hub_documents(source: _Source) -> Iterator[str]:
-    datasets = _import_datasets()
+def _open_binary(path: str):
     try:
-        dsd = datasets.load_dataset(source.spec, source.hub_config)
+        return open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+
+
+# JSON and parquet are read here rather than through `datasets`: its json builder converts a whole
+# file to Arrow in data_cache/ before the first row (so max_bytes saved nothing) and reports a bad
+# line as a generation error without the line number.
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    """The `text_field` of every line's JSON object, streamed (one line in memory at a time)."""
+    with _open_binary(path) as f:
+        first = True
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8", errors="replace"))
+            except ValueError as exc:  # JSONDecodeError; its own line/column count from the line's start
+                why = f"{exc.msg} at character {exc.pos + 1}" if isinstance(exc, json.JSONDecodeError) else exc
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({why}); fix or delete that line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {line_no} is a JSON {type(record).__name__}, not an object; "
+                                f"JSON lines files hold one object per line")
+            if first:
+                _check_columns(path, text_field, list(record), f" in its first record (line {line_no})")
+                first = False
+            if record.get(text_field) is not None:
+                yield _as_text(record[text_field])
+
+
+def _json_documents(path: str, text_field: str) -> Iterator[str]:
+    """A .json file: JSON lines (as `datasets` also accepts), a list of objects or an object of columns."""
+    with _open_binary(path) as f:
+        head = next((line for line in f if line.strip()), b"")
+    if not head:
+        return
+    try:
+        is_lines = isinstance(json.loads(head.decode("utf-8", errors="replace")), dict)
+    except ValueError:
+        is_lines = False  # the first line is part of a larger value
+    if is_lines:
+        yield from _jsonl_documents(path, text_field)
+        return
+    with _open_binary(path) as f:
+        try:  # a single JSON value has to be parsed whole
+            value = json.loads(f.read().decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if isinstance(value, dict):
+        _check_columns(path, text_field, list(value))
+        rows = value[text_field] if isinstance(value[text_field], list) else [value[text_field]]
+        texts: Iterable = rows
+    elif isinstance(value, list):
+        if value and isinstance(value[0], dict):
+            _check_columns(path, text_field, list(value[0]), " in its first object")
+        texts = (row.get(text_field) if isinstance(row, dict) else None for row in value)
+    else:
+        raise DataError(f"{path}: holds a JSON {type(value).__name__}; expected JSON lines, a list of objects "
+                        f"or an object of columns")
+    yield from (_as_text(t) for t in texts if t is not None)
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+
+    pf = _open_parquet(path, text_field)
+    try:  # batch by batch: memory stays one row group's column, and reading stops with the budget
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            yield from (_as_text(t) for t in batch.column(0).to_pylist() if t is not None)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read parquet data ({_one_line(exc)})") from exc
+
+
+def _open_parquet(path: str, text_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(exc)})") from exc
+    _check_columns(path, text_field, pf.schema_arrow.names)
+    return pf
+
+
+def _check_columns(path: str, text_field: str, columns: List[str], where: str = "") -> None:
+    if text_field not in columns:
+        raise DataError(f"{path}: no field {text_field!r} (data.text_field){where}; "
+                        f"available columns: {', '.join(map(str, columns)) or '(none)'}")
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _check_readable(source: _Source, docs: Iterator[str], full: bool = True) -> None:
+    """Raise now what reading `source` would raise mid-build: no text at all, a parquet file without
+    the text column (footers are cheap) and, when `full`, a bad JSON line anywhere (so JSON sources
+    are read to the end of `docs`, which max_bytes bounds)."""
+    for path in source.files:
+        if path.lower().endswith(_PARQUET_EXTS):
+            _open_parquet(path, source.text_field)
+    with contextlib.closing(docs):
+        if next(docs, None) is None:
+            raise _no_documents(source)
+        if full and any(p.lower().endswith(_JSON_EXTS) for p in source.files):
+            for _ in docs:
+                pass
+
+
+def _no_documents(source: _Source) -> DataError:
+    if source.fingerprint.get("text_field"):  # json/parquet/hub: maybe the wrong column
+        what = f"no non-empty {source.text_field!r} values (data.text_field)"
+    else:
+        what = "no text"
+    where = f" in its {len(source.files)} files" if len(source.files) > 1 else ""
+    return DataError(f"{source.describe()}: {what}{where}; point {source.label} at a file or folder that holds "
+                     f"text")
+
+
+# ------------------------------------------------------------------------------------ hub datasets
+
+_HUB_PROBE_S = 3.0
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _load_hub_split(source: _Source):
+    """The split of a hub dataset that `source.hub_splits` picks, with its text column checked.
+
+    When the hub cannot be reached (an offline flag, or no connection within 3 s) only the local
+    Hugging Face cache is tried: `datasets` itself would retry the network for ~25 s first.
+    """
+    datasets = _import_datasets()
+    where = source.describe() + (f" (data.dataset_config={source.hub_config!r})" if source.hub_config else "")
+    unreachable = _hub_unreachable()
+    try:
+        with _hub_offline() if unreachable else contextlib.nullcontext():
+            dsd = datasets.load_dataset(source.spec, source.hub_config)
     except Exception as exc:
-        raise ValueError(  # ValueError for the same reason as in _load_pretrained
-            f"data.dataset={source.spec!r} (config {source.hub_config!r}) is neither a local path nor "
-            f"loadable from the Hugging Face hub ({type(exc).__name__}: {exc}). Hub datasets need "
-            f"internet access (or an existing HF cache); offline, use a local file or "
-            f"`embedded:stdlib`.") from exc
+        if unreachable:
+            raise DataError(
+                f"{where} is neither a local file or folder (no {os.path.abspath(source.spec)}) nor reachable on "
+                f"the Hugging Face hub ({unreachable}), and it is not in the Hugging Face datasets cache; hub "
+                f"datasets need internet access: offline, use a local file or folder or `embedded:stdlib`") from exc
+        raise DataError(f"{where} is not a local path and could not be loaded from the Hugging Face hub "
+                        f"({type(exc).__name__}: {_one_line(exc)}); check the name and data.dataset_config "
+                        f"(hub datasets need internet access)") from exc
     # Only one split is read: mixing a hub dataset's test split into training would leak it. The
     # train/val split of this pipeline is then made by document hash, as for every corpus.
     split = next((s for s in source.hub_splits if s in dsd), sorted(dsd)[0])
     ds = dsd[split]
-    if source.text_field not in ds.column_names:
-        raise ValueError(f"data.dataset={source.spec!r} split {split!r}: no field {source.text_field!r} "
-                         f"(data.text_field); available columns: {', '.join(ds.column_names)}")
-    yield from _column_texts(ds, source.text_field)
+    _check_columns(f"{where} split {split!r}", source.text_field, ds.column_names)
+    return ds
 
 
-def _column_texts(ds, field: str) -> Iterator[str]:
+def _column_texts(ds, field_name: str) -> Iterator[str]:
     # Batched column access avoids building one dict per row.
-    for batch in ds.select_columns([field]).iter(batch_size=1000):
-        for text in batch[field]:
+    for batch in ds.select_columns([field_name]).iter(batch_size=1000):
+        for text in batch[field_name]:
             if text is not None:
-                yield text if isinstance(text, str) else str(text)
+                yield _as_text(text)
 
 
-def _limit_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
-    """Documents until `max_bytes` UTF-8 bytes are reached; the last one is cut to fit exactly."""
-    if max_bytes <= 0:
-        yield from docs
-        return
-    remaining = max_bytes
-    for doc in docs:
-        raw = _utf8(doc)
-        if len(raw) >= remaining:
-            # 'ignore' drops a multi-byte character cut in half at the boundary.
-            tail = raw[:remaining].decode("utf-8", errors="ignore")
-            if tail:
-                yield tail
-            return
-        remaining -= len(raw)
-        yield doc
+def _hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face hub cannot be used now (an offline flag, no connection), or None."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    import urllib.parse
+    import urllib.request  # not at module level: it imports http.client and email
+
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):  # behind a proxy only the proxy is reachable
+        p = urllib.parse.urlparse(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname or host, p.port or (443 if p.scheme == "https" else 80)
+    return _tcp_unreachable(host, port, _HUB_PROBE_S)
+
+
+def _tcp_unreachable(host: str, port: int, timeout: float) -> Optional[str]:
+    result: List[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append("")
+        except OSError as exc:
+            result.append(f"cannot connect to {host}:{port}: {exc}")
+
+    # The DNS lookup ignores socket timeouts, so the probe runs in a thread that is not waited for.
+    thread = threading.Thread(target=probe, name="moe-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return (result[0] or None) if result else f"no answer from {host}:{port} within {timeout:g} s"
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face libraries in offline mode (cache only, no retries) for the duration.
+
+    Their offline flags are read from the environment at import time, so the module constants are
+    set (and restored) rather than the environment variables.
+    """
+    from huggingface_hub import constants
+
+    modules = [constants] + [m for m in (sys.modules.get("datasets.config"),) if m is not None]
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
+
+
+# ------------------------------------------------------------------------------------ the corpus
 
 
 class _Corpus:
@@ -480,7 +717,7 @@ class _Corpus:
 
     def __init__(self, source: _Source, max_bytes: int, val_fraction: float) -> None:
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.source = source
         self.max_bytes = max_bytes
         self.val_fraction = val_fraction
@@ -490,7 +727,13 @@ class _Corpus:
         return {"source": self.source.fingerprint, "max_bytes": self.max_bytes, "val_fraction": self.val_fraction}
 
     def documents(self) -> Iterator[str]:
-        return _limit_bytes(self.source.documents(), self.max_bytes)
+        return self.source.documents(_ByteBudget(self.max_bytes))
+
+    def check(self, full: bool = True) -> None:
+        """Raise DataError now for whatever would fail the build or leave a split empty, so that it
+        fails before anything is written to the cache (`full`: see `_check_readable`)."""
+        _check_readable(self.source, self.documents(), full)
+        self.plan()
 
     def plan(self) -> Tuple[str, int]:
         """("hash", -1), ("hash", i) when document i is moved to the empty side, or ("cut", -1)."""
@@ -498,7 +741,7 @@ class _Corpus:
             seen_val = seen_train = False
             lowest = (2.0, -1)  # (hash, document index)
             highest = (-1.0, -1)
-            count = 0
+            count, first = 0, ""
             for i, doc in enumerate(self.documents()):
                 h = _doc_hash(doc)
                 seen_val |= h < self.val_fraction
@@ -506,13 +749,18 @@ class _Corpus:
                 if seen_val and seen_train:
                     break  # the common case: a real corpus stops here after a few dozen documents
                 lowest, highest = min(lowest, (h, i)), max(highest, (h, i))
+                if count == 0:
+                    first = doc  # a lone document must be long enough to cut in two
                 count += 1
             if seen_val and seen_train:
                 self._plan = ("hash", -1)
             elif count == 0:
-                raise ValueError(f"data.dataset={self.source.spec!r}: no (non-empty) documents found")
+                raise _no_documents(self.source)
             elif count == 1:
                 self._plan = ("cut", -1)
+                if not _cut(first, 1.0 - self.val_fraction)[0]:
+                    raise DataError(f"{self.source.describe()}: a single document of {len(_utf8(first))} byte(s) "
+                                    f"cannot be split into train and validation text; use more text")
                 logger.warning("data.dataset=%r is a single document: holding out its last %.1f%% for validation",
                                self.source.spec, 100 * self.val_fraction)
             else:
@@ -563,8 +811,10 @@ class TokenDataset:
     documents, as in GPT pretraining.
     """
 
-    def __init__(self, path_prefix: str) -> None:
+    def __init__(self, path_prefix: str, name: str = "") -> None:
         self.path_prefix = path_prefix
+        self.name = name or path_prefix
+        """What the tokens came from, for error messages (`data.dataset='x' (train split)`)."""
         bin_path = path_prefix + ".bin"
         if os.path.getsize(bin_path) == 0:
             # numpy cannot memory-map an empty file; an empty split is legal (and reported later
@@ -619,7 +869,8 @@ class TokenData:
     """The cache folder the splits were read from (for logs)."""
 
 
-def prepare_data(cfg: "DataConfig", is_writer: bool = True, barrier: Optional[Callable[[], None]] = None) -> TokenData:
+def prepare_data(cfg: "DataConfig", is_writer: bool = True, barrier: Optional[Callable[[], None]] = None,
+                 seq_len: int = 0, batch_sequences: int = 1) -> TokenData:
     """Tokenizer plus memory-mapped train/val token streams for `cfg`, tokenizing only on a cache miss.
 
     With several processes, exactly one per cache (rank 0) passes `is_writer=True`. `barrier` is
@@ -627,16 +878,30 @@ def prepare_data(cfg: "DataConfig", is_writer: bool = True, barrier: Optional[Ca
     reading -- so it must be a collective such as `torch.distributed.barrier`. Independent runs
     sharing a cache_dir (a dense and an MoE run started together) are serialised by a file lock:
     the second one waits and then reuses what the first built.
+
+    Unusable data (missing, empty, a bad record, no text column, an offline hub) raises DataError
+    before anything is written to `cfg.cache_dir`. With `seq_len` (train.seq_len), a split with
+    fewer than `batch_sequences` (micro_batch_size x data-parallel size) sequences is a DataError
+    too, here rather than at the first evaluation.
     """
-    corpus = _Corpus(_resolve_source(cfg.dataset, cfg.dataset_config, cfg.text_field, cfg.cache_dir),
-                     cfg.max_bytes, cfg.val_fraction)
+    corpus = _Corpus(_resolve_source(cfg.dataset, cfg.dataset_config, cfg.text_field), cfg.max_bytes,
+                     cfg.val_fraction)
     key = _hash_key({"kind": "tokens", "corpus": corpus.key(), "tokenizer": _tokenizer_spec(cfg)})
     tok_name = "bpe" if cfg.tokenizer == "bpe" else _slug(os.path.basename(cfg.tokenizer.rstrip("/")))
     final = os.path.join(cfg.cache_dir, "tokens", f"{corpus.source.slug}-{tok_name}-{key}")
+    pretrained = None
+    if not os.path.isdir(final):
+        # Every rank checks local data, so that most bad files stop them all with the same message
+        # instead of leaving the others in the barrier. Only the writer reads JSON to the end (a
+        # pass per rank would multiply the I/O), loads a hub dataset, or a pretrained tokenizer.
+        if is_writer or corpus.source.kind != "hub":
+            corpus.check(full=is_writer)
+        if is_writer and cfg.tokenizer not in ("bytes", "bpe"):
+            pretrained = build_tokenizer(cfg)
 
     def build(tmp_dir: str) -> None:
         t0 = time.perf_counter()
-        tokenizer = build_tokenizer(cfg, train_texts=corpus.train_texts)
+        tokenizer = pretrained or build_tokenizer(cfg, train_texts=corpus.train_texts)
         tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
         with _SplitWriter(os.path.join(tmp_dir, "train"), tokenizer) as train, \
                 _SplitWriter(os.path.join(tmp_dir, "val"), tokenizer) as val:
@@ -656,10 +921,25 @@ def prepare_data(cfg: "DataConfig", is_writer: bool = True, barrier: Optional[Ca
     if not os.path.isdir(final):
         raise RuntimeError(f"token cache {final} does not exist after the barrier: the writer rank should have "
                            f"built it; do all ranks see the same data.cache_dir ({cfg.cache_dir})?")
-    return TokenData(tokenizer=load_saved_tokenizer(os.path.join(final, "tokenizer")),
-                     train=TokenDataset(os.path.join(final, "train")),
-                     val=TokenDataset(os.path.join(final, "val")),
+    where = corpus.source.describe()
+    data = TokenData(tokenizer=load_saved_tokenizer(os.path.join(final, "tokenizer")),
+                     train=TokenDataset(os.path.join(final, "train"), f"{where} (train split)"),
+                     val=TokenDataset(os.path.join(final, "val"), f"{where} (validation split)"),
                      cache_path=final)
+    if seq_len > 0:
+        _check_fits(data, seq_len, max(1, batch_sequences), cfg.max_bytes)
+    return data
+
+
+def _check_fits(data: TokenData, seq_len: int, batch_sequences: int, max_bytes: int) -> None:
+    """Each split must give one batch of sequences (seq_len inputs plus the shifted target each)."""
+    more = "more text" + (f" (a larger data.max_bytes than {max_bytes})" if max_bytes > 0 else "")
+    for ds, fraction in ((data.train, "smaller"), (data.val, "larger")):
+        n = ds.num_sequences(seq_len)
+        if n < batch_sequences:
+            raise DataError(f"{ds.name}: {ds.num_tokens} tokens make {n} sequence(s) of train.seq_len={seq_len}, "
+                            f"fewer than the {batch_sequences} of one batch; use {more}, a smaller "
+                            f"train.seq_len or a {fraction} data.val_fraction")
 
 
 def tokenize_file_for_eval(path: str, tokenizer: Tokenizer, cache_dir: str, text_field: str = "text",
@@ -668,10 +948,12 @@ def tokenize_file_for_eval(path: str, tokenizer: Tokenizer, cache_dir: str, text
     TokenDataset, cached like training data. No max_bytes and no train/val split: every document
     counts. For a hub dataset, its validation split is used when it has one (else test, else train).
     """
-    source = _resolve_source(path, dataset_config, text_field, cache_dir,
-                             hub_splits=("validation", "test", "train"))
+    source = _resolve_source(path, dataset_config, text_field, hub_splits=("validation", "test", "train"),
+                             label="evaluation data")
     key = _hash_key({"kind": "eval", "source": source.fingerprint, "tokenizer": tokenizer.fingerprint()})
     final = os.path.join(cache_dir, "eval", f"{source.slug}-{key}")
+    if not os.path.isdir(final):
+        _check_readable(source, source.documents())  # before anything is written to cache_dir
 
     def build(tmp_dir: str) -> None:
         with _SplitWriter(os.path.join(tmp_dir, "all"), tokenizer) as out:
@@ -681,7 +963,7 @@ def tokenize_file_for_eval(path: str, tokenizer: Tokenizer, cache_dir: str, text
         _write_json(os.path.join(tmp_dir, "meta.json"), {"source": source.fingerprint, "all": out.stats()})
 
     _build_once(final, build, is_writer=True)
-    return TokenDataset(os.path.join(final, "all"))
+    return TokenDataset(os.path.join(final, "all"), source.describe())
 
 
 def token_dtype(vocab_size: int):
@@ -742,18 +1024,21 @@ def _build_once(final: str, build: Callable[[str], None], is_writer: bool) -> No
 
     The folder is built under a temporary name and renamed into place, so `final` existing means
     it is complete (a crash leaves only a temp folder). The file lock makes a second process wait
-    for the first instead of building the same thing twice.
+    for the first instead of building the same thing twice. The writer also removes what killed
+    builds of any key left in the same folder.
     """
+    parent = os.path.dirname(final)
+    if is_writer and os.path.isdir(parent):
+        _remove_dead_temp_dirs(parent)
     if os.path.isdir(final):
         return
-    parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     with _file_lock(final + ".lock", final):
         if os.path.isdir(final) or not is_writer:
             return  # built while we waited (non-writers only wait here for a build in progress)
         name = os.path.basename(final)
-        # Temp folders of this key are leftovers of a crashed build: we hold the lock, so nobody
-        # else is building it.
+        # Temp folders of this key are leftovers of a crashed build (one killed since the sweep
+        # above, too): we hold the lock, so nobody else is building it.
         for entry in os.listdir(parent):
             if entry.startswith(f".tmp-{name}-"):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
@@ -765,6 +1050,34 @@ def _build_once(final: str, build: Callable[[str], None], is_writer: bool) -> No
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _remove_dead_temp_dirs(parent: str) -> None:
+    """Delete the `.tmp-<name>-XXXXXXXX` folders in `parent` that no live build owns.
+
+    A build holds `<name>.lock` for as long as its temp folder exists (it renames the folder before
+    releasing), so a temp folder whose lock can be taken at once was left by a killed process.
+    """
+    from filelock import FileLock, Timeout
+
+    for entry in os.listdir(parent):
+        # mkdtemp appends 8 random characters to the prefix `.tmp-<name>-`
+        if not (entry.startswith(".tmp-") and len(entry) > 14 and entry[-9] == "-"):
+            continue
+        lock_path = os.path.join(parent, entry[len(".tmp-"):-9] + ".lock")
+        lock = FileLock(lock_path)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            continue  # being built right now
+        except OSError:  # a cache we may only read: reading it must still work
+            logger.debug("cannot take %s to remove %s", lock_path, entry, exc_info=True)
+            continue
+        try:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            logger.info("removed %s, left by a killed build", os.path.join(parent, entry))
+        finally:
+            lock.release()
 
 
 @contextlib.contextmanager
@@ -831,11 +1144,11 @@ class BatchSampler:
         self.num_sequences = dataset.num_sequences(seq_len)
         self.chunk = micro_batch_size * dp_size
         if self.num_sequences < self.chunk:
-            raise ValueError(
-                f"dataset too small: {dataset.num_tokens} tokens make {self.num_sequences} sequences of seq_len "
-                f"{seq_len}, fewer than one batch of micro_batch_size {micro_batch_size} x data-parallel size "
-                f"{dp_size} = {self.chunk} sequences; use more data (data.max_bytes), a smaller train.seq_len or "
-                f"a smaller batch")
+            raise DataError(
+                f"{dataset.name}: dataset too small: {dataset.num_tokens} tokens make {self.num_sequences} "
+                f"sequences of seq_len {seq_len}, fewer than one batch of micro_batch_size {micro_batch_size} x "
+                f"data-parallel size {dp_size} = {self.chunk} sequences; use more data (data.max_bytes), a smaller "
+                f"train.seq_len or a smaller batch")
         self.epoch = 0
         self.position = 0  # sequences of the epoch's global order already handed out (all ranks)
         self._order_epoch = -1
@@ -899,9 +1212,20 @@ def _slug(name: str) -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    """Whether a missing `spec` was meant as a local path (so it is not tried as a hub name)."""
-    ext = os.path.splitext(spec)[1].lower()
-    return spec.startswith((".", "/", "~")) or ext in _SUPPORTED_EXTS or (os.sep in spec and ext != "")
+    """Whether a missing `spec` was meant as a local path, so it is not tried as a hub name.
+
+    Hub names are `name` or `org/name`; a second separator, a leading `.`, `/` or `~`, or a file
+    extension (letters after the last dot: `.txt`, `.csv`; `-v1.5` is a hub-style version) make a path.
+    """
+    ext = os.path.splitext(spec)[1][1:]
+    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+            or (ext.isascii() and ext.isalpha()))
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, shortened: it goes into a one-line error."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _write_json(path: str, obj) -> None:
