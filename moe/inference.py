@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from moe import checkpoint
-from moe.config import config_from_yaml_text
+from moe.config import ConfigError, config_from_yaml_text
 from moe.model import GPT, KVCache
 
 
@@ -20,15 +20,45 @@ def load_run(run_dir: str, tag: Optional[str] = None, device: str = "cpu"):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        tag, note = checkpoint.find_resume(ckpt_dir)
+        if note:
+            print(f"note: {note}")
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint yet (nothing in {ckpt_dir})")
+    weights = checkpoint.load_model_weights(ckpt_dir, tag)  # verifies the folder, the config included
     # the config stored with the checkpoint is the one its weights were trained with
-    cfg = config_from_yaml_text(open(os.path.join(ckpt_dir, tag, "config.yaml")).read())
+    cfg_file = os.path.join(ckpt_dir, tag, "config.yaml")
+    try:
+        cfg = config_from_yaml_text(open(cfg_file).read())
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}") from None
     model = GPT(cfg.model)
-    model.load_state_dict(checkpoint.load_model_weights(ckpt_dir, tag))
+    model.load_state_dict(weights)
     model.to(device).eval()
     return model, load_saved_tokenizer(run_dir), cfg
+
+
+MIN_TEMPERATURE = 1e-6
+"""Below this (and above 0, greedy) logits / temperature can overflow fp32 and the softmax turns NaN."""
+
+
+def check_sampling_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                        seed: int = 0) -> None:
+    """Refuse sampling settings that cannot work, naming the `moe generate` flag; call it before
+    loading the model so that a typo costs nothing."""
+    if not prompt:
+        raise ConfigError("--prompt must not be empty: sampling continues a prompt")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):  # NaN fails both
+        raise ConfigError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g} and finite, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:  # NaN fails too
+        raise ConfigError(f"--top-p must be > 0 and <= 1 (1 = off), got {top_p}")
+    if not 0 <= seed < 2**64:  # torch.Generator.manual_seed's range
+        raise ConfigError(f"--seed must be >= 0 and < 2**64, got {seed}")
 
 
 @torch.no_grad()
@@ -36,7 +66,7 @@ def generate(model: GPT, prompt_ids: list, max_new_tokens: int, temperature: flo
              top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> list:
     """Sample with a KV cache: the prompt is processed once, then one token per forward."""
     if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise ConfigError("--prompt encodes to no tokens")
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cfg = model.cfg

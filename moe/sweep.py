@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from moe.config import ConfigError, load_config, validate
+from moe.config import ConfigError, folder_name_error, load_config, validate
 
 
 @dataclass
@@ -91,6 +91,9 @@ def load_sweep(path: str, runs_root: str = "runs", world_size: int = 1) -> Sweep
     if "base" not in spec:
         raise ConfigError(f"{path}: `base` (the config every run starts from) is required")
     name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+    error = folder_name_error("the sweep name", name)
+    if error:  # the sweep's runs go to <root>/<name>/: `name: ../x` would write outside it
+        raise ConfigError(f"{path}: {error}")
     base = os.path.join(os.path.dirname(path), spec["base"])
     common = [str(o) for o in spec.get("overrides") or []]
     grid = spec.get("grid") or {}
@@ -130,6 +133,10 @@ def load_sweep(path: str, runs_root: str = "runs", world_size: int = 1) -> Sweep
                     "logging.wandb.tags=[" + ",".join(t.replace(",", ";") for t in tags) + "]",
                     "logging.wandb.job_type=train"]
                 runs.append(run)
+    for run in runs:  # the derived names are folders too (many swept keys make one too long)
+        error = folder_name_error("a run name", run.name)
+        if error:
+            raise ConfigError(f"{path}: {error}")
     names = [r.name for r in runs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
