@@ -7,15 +7,16 @@ One command does everything a reproducible multi-node run needs, in this order, 
    (nodes x processes per node), check the Slurm options (node count, partition via `sinfo`);
 2. write the run folder `runs/<name>/`: the resolved `config.yaml` (the job trains from it, so
    editing experiments/ later changes nothing), `submit.sbatch` (from `launch/job.sbatch`), a code
-   snapshot (`code/<time>/commit.txt` and the uncommitted diff) and `launch.json`;
+   snapshot (`code/<time>/commit.txt` and the uncommitted diff, untracked files included except
+   those that look like secrets: `left_out.txt` names them) and `launch.json`;
 3. `sbatch` it and print the job id and the log paths (`--wait`: and wait for the job to end).
 
 The job script can be resubmitted unchanged (`sbatch runs/<name>/submit.sbatch`); every start of it
 resumes from the run's latest checkpoint. `--local N` runs the same thing on this machine with
-`torchrun --standalone`, no Slurm. Secrets are never written anywhere: no environment variable is
-copied into any file, and the values of variables named like a secret (`*KEY*`, `*TOKEN*`,
-`*SECRET*`, `*PASSWORD*`, ...) are redacted from every file this module writes; jobs inherit them
-from the environment at run time.
+`torchrun --standalone`, no Slurm; SIGTERM or Ctrl-C stops it with a checkpoint, exit 0. Secrets
+are never written anywhere: no environment variable is copied into any file, and the values of
+variables named like a secret (`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`, ...) are redacted
+from every file this module writes; jobs inherit them from the environment at run time.
 
 `python -m moe.launch world-info HOSTFILE` is the hostfile helper the job script uses with the
 deepspeed launcher.
@@ -35,41 +36,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from moe.config import Config, ConfigError, config_from_yaml_text, load_config, validate
+from moe.errors import MoeError
+from moe.config import Config, ConfigError, load_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.environ.get("MOE_LAUNCH_TEMPLATE", os.path.join(ROOT, "launch", "job.sbatch"))
 
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|PRIVATE", re.IGNORECASE)
-REDACTED = "<redacted>"
+from moe.io import REDACTED, SECRET_NAME, atomic_write, redact, secret_values  # noqa: E402,F401  (re-exported)
 
 
-class LaunchError(Exception):
+class LaunchError(MoeError):
     """Bad launch options or a failed submission; the message is shown to the user as is."""
-
-
-# ------------------------------------------------------------------------------------------ secrets
-
-
-def secret_values(env: Optional[Dict[str, str]] = None) -> List[str]:
-    """Values of environment variables named like a secret (long enough not to be a common word)."""
-    env = os.environ if env is None else env
-    return sorted({v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
-
-
-def redact(text: str, env: Optional[Dict[str, str]] = None) -> str:
-    for value in secret_values(env):
-        text = text.replace(value, REDACTED)
-    return text
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
     """Every file this module writes goes through here: redacted, then atomically replaced."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(redact(text))
-    os.chmod(path + ".tmp", mode)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, text, mode=mode)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -252,19 +234,11 @@ def check_tasks(opts: LaunchOptions, cfgs: Sequence[Tuple[Optional[int], Config]
 
 
 def _check_run_dir(cfg: Config) -> None:
-    """The check of train.prepare_run_dir, without writing: refuse a folder of another run."""
-    from moe.train import config_differences
+    """The check of train.prepare_run_dir, without writing: refuse a folder of another run, or
+    starting over (checkpoint.resume=false) a folder that holds checkpoints."""
+    from moe.train import check_run_dir
 
-    path = os.path.join(cfg.run.root, cfg.run.name, "config.yaml")
-    if not os.path.isfile(path) or cfg.run.overwrite:
-        return
-    try:
-        diff = config_differences(config_from_yaml_text(open(path).read()), cfg)
-    except ConfigError as exc:
-        diff = [f"(unreadable: {exc})"]
-    if diff:
-        raise ConfigError(f"{os.path.dirname(path)} already holds a run with a different config (differs in: "
-                          f"{', '.join(diff[:8])}); choose another run.name or pass run.overwrite=true")
+    check_run_dir(cfg)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -359,36 +333,101 @@ def _git(args: List[str], cwd: str) -> Optional[str]:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def write_code_snapshot(run_dir: str, stamp: str, max_untracked_bytes: int = 1 << 20) -> str:
+# Untracked files that are left out of the code snapshot by their name (matched against the file's
+# name, lower-cased): env files, keys and certificates, credential stores of common tools.
+SECRET_FILE_NAMES = (".env*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx",
+                     "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc", "_netrc",
+                     ".npmrc", ".pypirc", ".git-credentials", ".htpasswd", ".pgpass", ".s3cfg", ".boto",
+                     ".dockercfg", "credentials*", "*secret*", "*password*", "*passwd*", "*apikey*",
+                     "*api_key*", "*api-key*", "service-account*.json", "*-sa-key*.json")
+# and any name with `token` in it, but not `tokens` (data, plots: `loss_vs_tokens.png`) nor `tokenizer`
+_SECRET_TOKEN_NAME = re.compile(r"token(?!s|i[sz])")
+# Folders whose files are all left out (any folder of the path, lower-cased).
+SECRET_DIR_NAMES = frozenset({".ssh", ".gnupg", ".aws", ".azure", ".docker", ".kube", ".secrets", "secrets",
+                              "credentials"})
+# Contents that give a file away: a private key, or a token in a well-known format.
+SECRET_CONTENT = re.compile(
+    rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    rb"|\bhf_[A-Za-z0-9]{30,}|\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_[A-Za-z0-9_]{40,}"
+    rb"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{32,}")
+
+
+def secret_file_reason(rel: str, data: Optional[bytes] = None, env: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Why the file `rel` (a path; `data` its contents, when read) must stay out of the code
+    snapshot, or None: its name looks like a secret's, it holds a private key or a token of a
+    well-known format, or it contains the value of an environment variable named like a secret."""
+    import fnmatch
+
+    *folders, name = rel.replace(os.sep, "/").lower().split("/")
+    if SECRET_DIR_NAMES.intersection(folders):
+        return "it lies in a folder of secrets"
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_FILE_NAMES) or _SECRET_TOKEN_NAME.search(name):
+        return "its name looks like a secret's"
+    if data is None:
+        return None
+    if SECRET_CONTENT.search(data):
+        return "it holds a private key or an access token"
+    if any(value.encode() in data for value in secret_values(env)):
+        return "it contains the value of a secret environment variable"
+    return None
+
+
+def write_code_snapshot(run_dir: str, stamp: str, max_untracked_bytes: int = 1 << 20,
+                        source: Optional[str] = None) -> str:
     """code/<stamp>/commit.txt (commit, branch, status) and uncommitted.diff: `git diff HEAD` plus
-    untracked, not ignored files under 1 MiB as new-file diffs. Secret values are redacted."""
+    untracked, not ignored files under 1 MiB as new-file diffs, of the checkout `source` (default:
+    the one moe runs from). Untracked files that look like secrets (see `secret_file_reason`) are
+    left out and named, with the reason, in left_out.txt; secret values are redacted everywhere."""
+    source = source or ROOT
     out = os.path.join(run_dir, "code", stamp)
-    head = _git(["rev-parse", "HEAD"], ROOT)
+    head = _git(["rev-parse", "HEAD"], source)
     if head is None:
-        _write(os.path.join(out, "commit.txt"), f"source: {ROOT}\nnot a git checkout: no code snapshot\n")
+        _write(os.path.join(out, "commit.txt"), f"source: {source}\nnot a git checkout: no code snapshot\n")
         return out
-    branch = (_git(["rev-parse", "--abbrev-ref", "HEAD"], ROOT) or "?").strip()
-    status = _git(["status", "--porcelain"], ROOT) or ""
-    diff = _git(["diff", "HEAD", "--binary"], ROOT) or ""
-    skipped = []
-    for rel in (_git(["ls-files", "--others", "--exclude-standard", "-z"], ROOT) or "").split("\0"):
-        path = os.path.join(ROOT, rel)
-        if not rel or not os.path.isfile(path):
+    branch = (_git(["rev-parse", "--abbrev-ref", "HEAD"], source) or "?").strip()
+    status = _git(["status", "--porcelain"], source) or ""
+    diff = _git(["diff", "HEAD", "--binary"], source) or ""
+    skipped, secret = [], []
+    for rel in (_git(["ls-files", "--others", "--exclude-standard", "-z"], source) or "").split("\0"):
+        path = os.path.join(source, rel)
+        if not rel or not os.path.isfile(path) or os.path.islink(path):
             continue
-        if os.path.getsize(path) > max_untracked_bytes:
+        reason = secret_file_reason(rel)
+        if reason is None and os.path.getsize(path) > max_untracked_bytes:
             skipped.append(rel)
             continue
+        if reason is None:
+            try:
+                with open(path, "rb") as f:
+                    reason = secret_file_reason(rel, f.read())
+            except OSError as exc:
+                reason = f"unreadable ({exc.strerror})"
+        if reason is not None:
+            secret.append((rel, reason))
+            continue
         proc = subprocess.run(["git", "--no-optional-locks", "diff", "--no-index", "--binary", "/dev/null", rel],
-                              cwd=ROOT, capture_output=True, text=True, errors="replace")
+                              cwd=source, capture_output=True, text=True, errors="replace")
         diff += proc.stdout
+    left_out = [f"{rel}: {reason}" for rel, reason in secret]
+    left_out += [f"{rel}: over {max_untracked_bytes} bytes" for rel in skipped]
     _write(os.path.join(out, "commit.txt"),
-           f"source: {ROOT}\ncommit: {head.strip()}\nbranch: {branch}\n"
+           f"source: {source}\ncommit: {head.strip()}\nbranch: {branch}\n"
            f"uncommitted changes: {len(status.splitlines())} file(s) (see uncommitted.diff; "
            f"apply with `git apply uncommitted.diff` on this commit)\n"
            + (f"untracked files over {max_untracked_bytes} bytes, not in the diff: {', '.join(skipped)}\n"
               if skipped else "")
+           + (f"untracked files that look like secrets, not in the diff: {', '.join(r for r, _ in secret)} "
+              f"(see left_out.txt)\n" if secret else "")
            + "\ngit status --porcelain:\n" + status)
     _write(os.path.join(out, "uncommitted.diff"), diff)
+    if left_out:
+        _write(os.path.join(out, "left_out.txt"),
+               "Untracked files of the checkout that are not in uncommitted.diff (names only):\n"
+               + "".join(line + "\n" for line in left_out))
+    if secret:
+        print(f"[moe launch] code snapshot: left out {len(secret)} untracked file(s) that look like secrets: "
+              f"{', '.join(r for r, _ in secret)} (listed in {os.path.join(out, 'left_out.txt')})",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -550,7 +589,8 @@ def wait_and_summarise(job_id: str, tasks: List[Task]) -> bool:
 
 
 def _launch_local(opts: LaunchOptions, task: Task, command: Sequence[str], stamp: str) -> int:
-    """torchrun --standalone on this machine, in the foreground; signals are passed on to it."""
+    """torchrun --standalone on this machine, in the foreground. SIGTERM, Ctrl-C (SIGINT) or SIGHUP
+    stops it cleanly: the trainers save a checkpoint and the exit status is 0 (see `_LocalRun`)."""
     log_dir = os.path.join(task.run_dir, "logs", f"local-{stamp}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={opts.local}",
            f"--max-restarts={opts.max_restarts}", f"--log-dir={log_dir}", "--redirects=3", "--tee=3",
@@ -576,29 +616,123 @@ def _launch_local(opts: LaunchOptions, task: Task, command: Sequence[str], stamp
 
     env = training_env(dict(e.split("=", 1) for e in opts.env))
     env.pop("SLURM_JOB_ID", None)  # inside an allocation too, a stop signal must not requeue it
-    # torchrun ignores USR2 (its default action would kill it); the trainers install their handler
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-
-    def forward(sig: int, _frame) -> None:
-        if sig == signal.SIGUSR2:  # the checkpoint-and-stop request goes to the trainers themselves
-            import psutil
-
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    child.send_signal(sig)
-                except psutil.Error:
-                    pass
-        else:  # torchrun passes SIGTERM on to its workers
-            proc.send_signal(sig)
-
-    # Ctrl-C reaches torchrun and its workers through the terminal; this process just waits
-    handlers = {signal.SIGTERM: forward, signal.SIGUSR2: forward, signal.SIGINT: signal.SIG_IGN}
-    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    run = _LocalRun()
+    started = time.time()
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    previous = {s: signal.signal(s, run.handle) for s in stops}
     try:
-        return proc.wait()
+        run.start(cmd, env)
+        code = run.proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    if not run.stop_signal:
+        return code
+    status = _summary_status(task.run_dir, since=started)
+    if status == "preempted":
+        print(f"[moe launch] stopped on {signal.Signals(run.stop_signal).name} as asked, checkpoint saved; "
+              f"the same command (or bash {os.path.join(task.run_dir, 'launch_local.sh')}) resumes it", flush=True)
+        return 0
+    if status == "finished":  # it ended by itself as the request came
+        return code
+    print(f"[moe launch] stopped on {signal.Signals(run.stop_signal).name} without a final checkpoint "
+          f"(run status {status or 'unknown'}, torchrun exit {code})", file=sys.stderr, flush=True)
+    return code or 1
+
+
+def _summary_status(run_dir: str, since: float) -> Optional[str]:
+    """The status in the run's summary.json if the trainer wrote it after `since`, else None."""
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        if os.path.getmtime(path) < since:
+            return None
+        with open(path) as f:
+            return json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _torchrun_child_setup() -> None:
+    """In the torchrun child before exec: a process group of its own, so that a Ctrl-C at the
+    terminal reaches `moe launch` only (which turns it into a clean stop), and USR2 ignored (its
+    default action would kill torchrun; the trainers install their own handler)."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class _LocalRun:
+    """The torchrun of `moe launch --local` and the signals this process passes on to it.
+
+    torchrun starts each worker (trainer rank) in a session of its own, and on SIGTERM or SIGINT it
+    raises (a traceback), kills its workers and exits 1, so a stop request is sent to the workers
+    directly: SIGTERM (also for SIGINT and SIGHUP) makes every rank save a checkpoint at the next
+    step and exit 0, after which torchrun exits 0 too; USR2 is passed on as is. A second stop
+    request kills the whole run at once."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+        self.stop_signal = 0  # the first stop request (SIGTERM, SIGINT, SIGHUP), 0 if none
+        self._pending: List[int] = []  # received before torchrun started
+
+    def start(self, cmd: Sequence[str], env: Dict[str, str]) -> None:
+        self.proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.DEVNULL, preexec_fn=_torchrun_child_setup)
+        for sig in self._pending:
+            self._deliver(sig)
+        self._pending = []
+
+    def handle(self, sig: int, _frame) -> None:
+        if self.proc is None:
+            self._pending.append(sig)
+        else:
+            self._deliver(sig)
+
+    def _workers(self) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+
+    def _signal_workers(self, sig: int) -> bool:
+        """Send `sig` to torchrun's workers; False when it has none (yet or any more)."""
+        import psutil
+
+        sent = False
+        for worker in self._workers():
+            try:
+                worker.send_signal(sig)
+                sent = True
+            except psutil.Error:
+                pass
+        return sent
+
+    def _signal_torchrun(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except OSError:
+            pass
+
+    def _deliver(self, sig: int) -> None:
+        if sig == signal.SIGUSR2:  # the checkpoint-and-stop request of Slurm goes to the trainers as is
+            self._signal_workers(sig)
+            return
+        name = signal.Signals(sig).name
+        if self.stop_signal:
+            print(f"[moe launch] {name} again: killing the run now", file=sys.stderr, flush=True)
+            for worker in self._workers():  # each worker leads a process group of its own
+                try:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self._signal_torchrun(signal.SIGKILL)
+            return
+        self.stop_signal = sig
+        print(f"[moe launch] {name}: asking the training to save a checkpoint and stop "
+              f"(send it again to kill it at once)", file=sys.stderr, flush=True)
+        if not self._signal_workers(signal.SIGTERM):  # no worker yet: nothing to save, end torchrun
+            self._signal_torchrun(signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------ helpers
