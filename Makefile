@@ -30,11 +30,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	bash experiments/quickstart.sh
 
+# two workers (the machine's two cores); the Slurm tests stay together on one (xdist_group)
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.dispatch

@@ -2,8 +2,10 @@
 size, ZeRO stage) resumes at another, with the same weights, router state and optimizer moments.
 
 Folders. One folder per step (`step_00000040`), written under a temporary name (`.tmp-step_...`) and
-renamed when complete, then a `latest` pointer replaced atomically, then old folders pruned
-(`checkpoint.keep_last`). A crash mid-save leaves the previous `latest` intact.
+renamed when complete, then a `latest` pointer replaced atomically, then folders older than the new
+one pruned (`checkpoint.keep_last`; a newer folder is never pruned). Every file is fsync-ed before
+its rename, so a crash or power loss at any moment leaves `latest` naming a complete folder. Nothing
+non-finite is ever saved: the gathered tensors are checked on every rank first.
 
 Contents of a step folder (every tensor full-size, fp32, under its global name):
 
@@ -17,10 +19,15 @@ Contents of a step folder (every tensor full-size, fp32, under its global name):
     experts-ep{p}-of{P}.safetensors  one shard per expert-parallel rank p of the saving run: for each
                                   MoE layer and each of its experts e, `<layer>.experts.<e>.w13`,
                                   `<layer>.experts.<e>.w2` and their moments `exp_avg/<...>`, ...
-    trainer.pt                    the resumable TrainState (step, tokens, sampler position, RNG, W&B
-                                  id), the LR scheduler, the optimizer step count and the engine's
-                                  step counters
+    trainer.json                  the resumable TrainState (step, tokens, sampler position, RNG states,
+                                  W&B id), the LR scheduler and the engine's step counters, as JSON
+                                  (format 1 had a pickled `trainer.pt`; it is still read, safely)
     config.yaml, train_state.json the resolved config and a readable copy of the TrainState
+    manifest.json                 size and SHA-256 of every other file, and of itself (written last)
+
+Checkpoints are data: nothing in a folder is unpickled (moe/checkpoint_store.py), loading verifies
+the folder first (checksums, shapes, experts, finiteness, one step everywhere) and names the file
+at fault.
 
 Experts are stored one by one under their global expert id, so the number of shards and which rank
 wrote which expert do not matter when loading: a rank at any EP size reads the experts it holds
@@ -40,47 +47,25 @@ ranks of the first EP group (expert-data-parallel rank 0) write the expert shard
 each rank's slice back through the same API.
 
 Checkpoints written by earlier versions in DeepSpeed's own format (`mp_rank_00_model_states.pt`)
-still load, through the engine, when expert parallelism is off.
+still load, through the engine, when expert parallelism is off, and only after every file in the
+folder has passed the safe loader (tensors and plain data only), since DeepSpeed's loader unpickles.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-FORMAT = "moe-layout-free"
-VERSION = 1
-LEGACY_MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete, inconsistent, or does not fit the model."""
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_steps(ckpt_dir: str) -> List[int]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(m.group(1)) for m in map(STEP_DIR.match, os.listdir(ckpt_dir)) if m)
-
-
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    if not STEP_DIR.match(tag) or not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        raise RuntimeError(f"{path} points to {tag!r}, which is not a complete checkpoint folder")
-    return tag
+from moe.checkpoint_store import (  # noqa: F401  (re-exported: the CLI, inference and tests use them)
+    FORMAT, LEGACY_MODEL_FILE, STEP_DIR, TRAINER, VERSION, all_finite, expert_index, find_resume, latest_tag, list_steps,
+    read_latest, remove_leftovers,
+    problems_brief, prune, read_meta, read_tensors, read_trainer, resolve_step_dir, safe_torch_load, shard_files,
+    step_tag, trainer_json, verify, write_latest, write_manifest)
+from moe.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
 
 
 def shard_name(ep_rank: int, ep_size: int) -> str:
@@ -240,35 +225,48 @@ def _expert_meta(expert_layers) -> Dict[str, Any]:
 
 def save(engine, ckpt_dir: str, step: int, train_state: Dict[str, Any], config_yaml: str, keep_last: int,
          rank: int) -> str:
-    """Write step `step` (a collective: call on every rank). Returns the tag."""
+    """Write step `step` (a collective: call on every rank). Returns the tag. Nothing non-finite is
+    ever written: every rank checks the tensors it gathered and all agree before any file is made."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from moe.expert_parallel import EXPERT_PARAM_NAMES, expert_layout, model_groups
 
     tag = step_tag(step)
-    tmp_tag = f".tmp-{tag}"
-    tmp_path = os.path.join(ckpt_dir, tmp_tag)
+    tmp_path = os.path.join(ckpt_dir, f".tmp-{tag}")
+    model = engine.module
+    opt = OptimizerState(engine)
+    weights, moments, shard = _gather(model, opt)
+    _agree_finite(step, weights, moments, shard)
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp_path, ignore_errors=True)
         os.makedirs(tmp_path)
     dist.barrier()
+    try:
+        _write_step(engine, tmp_path, step, train_state, config_yaml, rank, opt, weights, moments, shard)
+    except Exception:
+        if rank == 0:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    dist.barrier()
+    if rank == 0:
+        _publish(ckpt_dir, tmp_path, tag, step, keep_last)
+    dist.barrier()
+    return tag
 
-    model = engine.module
-    groups = model_groups(model)
-    ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups else (0, 1)
-    writes_experts = groups is None or groups.edp_rank == 0
-    opt = OptimizerState(engine)
-    dense, aliases, buffers, expert_layers = _model_tensors(model)
 
-    # every rank takes part in the (possibly collective) reads, in the same order
+def _gather(model, opt: "OptimizerState"):
+    """Full fp32 masters and moments: dense ones (for rank 0) and this rank's expert shard. Every
+    rank takes part in the (possibly collective) reads, in the same order."""
+    from moe.expert_parallel import EXPERT_PARAM_NAMES, expert_layout
+
+    dense, _, buffers, expert_layers = _model_tensors(model)
     weights: Dict[str, torch.Tensor] = {}
     moments: Dict[str, torch.Tensor] = {}
     for name, p in dense:
         weights[name] = opt.get_master(p)
         for k, v in opt.get_moments(p).items():
             moments[f"{k}/{name}"] = v
+    for name, buf in buffers.items():
+        weights[name] = buf.detach().cpu().contiguous()
     shard: Dict[str, torch.Tensor] = {}
     for prefix, ex in expert_layers.items():
         offset, local, _ = expert_layout(ex)
@@ -281,174 +279,104 @@ def save(engine, ckpt_dir: str, step: int, train_state: Dict[str, Any], config_y
                 shard[key] = master[i].contiguous()
                 for k, v in moms.items():
                     shard[f"{k}/{key}"] = v[i].contiguous()
-    if writes_experts:
-        save_file(shard, os.path.join(tmp_path, shard_name(ep_rank, ep_size)),
-                  metadata={"format": FORMAT, "ep_rank": str(ep_rank), "ep_size": str(ep_size)})
-    if rank == 0:
-        for name, buf in buffers.items():
-            weights[name] = buf.detach().cpu().contiguous()
-        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp_path, "model.safetensors"),
-                  metadata={"format": FORMAT})
-        save_file({k: v.contiguous() for k, v in moments.items()}, os.path.join(tmp_path, "optimizer.safetensors"),
-                  metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT, "version": VERSION, "step": step,
-            "saved_with": {"world_size": dist.get_world_size(), "ep_size": ep_size,
-                           "zero_stage": engine.zero_optimization_stage(),
-                           "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
-            "tensors": {n: {"shape": list(weights[n].shape), "kind": "buffer" if n in buffers else "param"}
-                        for n in weights},
-            "aliases": aliases,
-            "experts": _expert_meta(expert_layers),
-            "expert_shards": ep_size,
-            "optimizer": {"moments": opt.keys if opt.has_state() else [], "step": opt.step_count()},
-        }
-        with open(os.path.join(tmp_path, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        sched = engine.lr_scheduler
-        torch.save({"train_state": train_state,
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                               "skipped_steps": engine.skipped_steps}},
-                   os.path.join(tmp_path, "trainer.pt"))
-        with open(os.path.join(tmp_path, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        with open(os.path.join(tmp_path, "train_state.json"), "w") as f:
-            json.dump({k: v for k, v in train_state.items() if k != "rng"}, f, indent=2)
-    dist.barrier()
-    if rank == 0:
-        problems = verify(tmp_path)
-        if problems:
-            raise CheckpointError(f"{tmp_path}: the checkpoint just written is inconsistent: "
-                                  + "; ".join(problems[:10]))
-        final = os.path.join(ckpt_dir, tag)
-        if os.path.exists(final):  # same step saved again (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp_path, final)
-        pointer = os.path.join(ckpt_dir, "latest")
-        with open(pointer + ".tmp", "w") as f:
-            f.write(tag)
-        os.replace(pointer + ".tmp", pointer)
-        for old in list_steps(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(os.path.join(ckpt_dir, step_tag(old)), ignore_errors=True)
-    dist.barrier()
-    return tag
+    return weights, moments, shard
+
+
+def _agree_finite(step: int, *tensor_dicts: Dict[str, torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    bad = [k for d in tensor_dicts for k, v in d.items() if v.is_floating_point() and v.numel() and not all_finite(v)]
+    flag = torch.tensor([len(bad)], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    if int(flag) > 0:
+        where = f" (here: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})" if bad else ""
+        raise TrainingDiverged(f"step {step}: {int(flag)} tensors hold non-finite values{where}; "
+                               f"no checkpoint was written")
+
+
+def _write_step(engine, tmp_path: str, step: int, train_state: Dict[str, Any], config_yaml: str, rank: int,
+                opt: "OptimizerState", weights, moments, shard) -> None:
+    import torch.distributed as dist
+
+    from moe.expert_parallel import model_groups
+
+    model = engine.module
+    groups = model_groups(model)
+    ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups else (0, 1)
+    if groups is None or groups.edp_rank == 0:
+        _save_tensors(shard, os.path.join(tmp_path, shard_name(ep_rank, ep_size)),
+                      {"format": FORMAT, "ep_rank": str(ep_rank), "ep_size": str(ep_size)})
+    if rank != 0:
+        return
+    _, aliases, buffers, expert_layers = _model_tensors(model)
+    _save_tensors(weights, os.path.join(tmp_path, "model.safetensors"), {"format": FORMAT})
+    _save_tensors(moments, os.path.join(tmp_path, "optimizer.safetensors"), {"format": FORMAT})
+    meta = {
+        "format": FORMAT, "version": VERSION, "step": step,
+        "saved_with": {"world_size": dist.get_world_size(), "ep_size": ep_size,
+                       "zero_stage": engine.zero_optimization_stage(),
+                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        "tensors": {n: {"shape": list(weights[n].shape), "kind": "buffer" if n in buffers else "param"}
+                    for n in weights},
+        "aliases": aliases,
+        "experts": _expert_meta(expert_layers),
+        "expert_shards": ep_size,
+        "optimizer": {"moments": opt.keys if opt.has_state() else [], "step": opt.step_count()},
+    }
+    sched = engine.lr_scheduler
+    counters = {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                "skipped_steps": engine.skipped_steps}
+    files = {"meta.json": json.dumps(meta, indent=1),
+             TRAINER: trainer_json(train_state, sched.state_dict() if sched is not None else None, counters),
+             "config.yaml": config_yaml,
+             "train_state.json": json.dumps({k: v for k, v in train_state.items() if k != "rng"}, indent=2)}
+    for name, text in files.items():
+        with open(os.path.join(tmp_path, name), "w") as f:
+            f.write(text)
+
+
+def _save_tensors(tensors: Dict[str, torch.Tensor], file: str, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, file, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports a full disk as its own error type, without the path
+        raise CheckpointError(f"writing {file} failed: {exc}") from None
+
+
+def _publish(ckpt_dir: str, tmp_path: str, tag: str, step: int, keep_last: int) -> None:
+    """Check the folder just written, checksum it, rename it into place, point `latest` at it, prune.
+    Each stage is durable (fsync) before the next, so a crash at any moment leaves `latest` naming
+    a complete folder."""
+    # finiteness was checked on the tensors before writing; the checksums are made next
+    problems = verify(tmp_path, finite=False, checksums=False)
+    if problems:
+        raise CheckpointError(f"{tmp_path}: the checkpoint just written is inconsistent: {problems_brief(problems)}")
+    write_manifest(tmp_path)
+    final = os.path.join(ckpt_dir, tag)
+    if os.path.exists(final):  # same step saved again (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp_path, final)
+    from moe.io import fsync_dir
+
+    fsync_dir(ckpt_dir)
+    write_latest(ckpt_dir, tag)
+    prune(ckpt_dir, step, keep_last)
 
 
 # ------------------------------------------------------------------------------------------- read
 
 
-def _read_meta(path: str) -> Dict[str, Any]:
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path}: no meta.json (not a checkpoint written by moe train)")
-    try:
-        meta = json.load(open(meta_path))
-    except ValueError as exc:
-        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')}, expected "
-                              f"{FORMAT!r} v{VERSION}")
-    return meta
-
-
-def _shard_files(path: str) -> List[str]:
-    return sorted(f for f in os.listdir(path) if f.startswith("experts-") and f.endswith(".safetensors"))
-
-
-def _headers(file: str) -> Dict[str, List[int]]:
-    """{tensor name: shape} from a safetensors header, without reading the data."""
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def _expert_index(path: str) -> Dict[str, List[str]]:
-    """{expert tensor key: [shard files holding it]} over every shard of a step folder."""
-    index: Dict[str, List[str]] = defaultdict(list)
-    for f in _shard_files(path):
-        for k in _headers(os.path.join(path, f)):
-            index[k].append(f)
-    return index
-
-
-def verify(path: str) -> List[str]:
-    """Problems with a step folder (empty list: complete and consistent). Checks that meta.json,
-    model.safetensors and the optimizer file agree, and that every expert of every MoE layer is
-    present exactly once across the expert shards, with the shapes meta.json gives, for the weights
-    and every optimizer moment."""
-    try:
-        meta = _read_meta(path)
-    except CheckpointError as exc:
-        return [str(exc)]
-    problems: List[str] = []
-    for f in ("model.safetensors", "optimizer.safetensors", "trainer.pt"):
-        if not os.path.isfile(os.path.join(path, f)):
-            problems.append(f"missing {f}")
-    if problems:
-        return problems
-    model = _headers(os.path.join(path, "model.safetensors"))
-    for name, info in meta["tensors"].items():
-        if name not in model:
-            problems.append(f"model.safetensors: missing {name}")
-        elif model[name] != info["shape"]:
-            problems.append(f"model.safetensors: {name} has shape {model[name]}, meta.json says {info['shape']}")
-    optim = _headers(os.path.join(path, "optimizer.safetensors"))
-    moment_keys = meta["optimizer"]["moments"]
-    for name, info in meta["tensors"].items():
-        if info["kind"] != "param":
-            continue
-        for k in moment_keys:
-            key = f"{k}/{name}"
-            if key not in optim:
-                problems.append(f"optimizer.safetensors: missing {key}")
-            elif optim[key] != info["shape"]:
-                problems.append(f"optimizer.safetensors: {key} has shape {optim[key]}, expected {info['shape']}")
-    index = _expert_index(path)
-    shapes: Dict[str, List[int]] = {}
-    for f in _shard_files(path):
-        shapes.update(_headers(os.path.join(path, f)))
-    expected = set()
-    for layer, info in meta["experts"].items():
-        for e in range(info["num_experts"]):
-            for t, shape in info["tensors"].items():
-                for prefix in [""] + [f"{k}/" for k in moment_keys]:
-                    key = f"{prefix}{layer}.{e}.{t}"
-                    expected.add(key)
-                    files = index.get(key, [])
-                    what = f"{layer} expert {e} {prefix}{t}"
-                    if not files:
-                        problems.append(f"missing {what}")
-                    elif len(files) > 1:
-                        problems.append(f"duplicated {what} (in {', '.join(files)})")
-                    elif shapes[key] != shape:
-                        problems.append(f"{what} in {files[0]} has shape {shapes[key]}, expected {shape}")
-    for key in sorted(set(index) - expected):
-        problems.append(f"unexpected tensor {key} in {', '.join(index[key])}")
-    return problems
-
-
-def resolve_step_dir(path: str) -> str:
-    """A step folder from a step folder, a checkpoints folder or a run folder (their `latest`)."""
-    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE)):
-        return path
-    for ckpt_dir in (path, os.path.join(path, "checkpoints")):
-        if os.path.isfile(os.path.join(ckpt_dir, "latest")):
-            return os.path.join(ckpt_dir, latest_tag(ckpt_dir))
-    raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json) and no checkpoints/latest")
-
-
 def _read_tensors(path: str, file: str, keys) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, file), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in keys}
+    return read_tensors(os.path.join(path, file), keys)
 
 
 def _global_experts(path: str, meta: Dict[str, Any], prefix: str = "") -> Dict[str, torch.Tensor]:
     """{`<layer>.<t>`: stacked [E, ...] tensor} (prefix `exp_avg/` etc. for a moment)."""
-    index = _expert_index(path)
+    index = expert_index(path)
     out = {}
     for layer, info in meta["experts"].items():
         for t in info["tensors"]:
@@ -462,13 +390,11 @@ def _global_experts(path: str, meta: Dict[str, Any], prefix: str = "") -> Dict[s
 
 def consolidated_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The EP=1 model state dict (stacked expert weights, tied aliases filled in) of a step folder."""
-    from safetensors.torch import load_file
-
-    meta = _read_meta(path)
+    meta = read_meta(path)
     problems = verify(path)
     if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
-    state = load_file(os.path.join(path, "model.safetensors"))
+        raise CheckpointError(f"{path}: {problems_brief(problems, 10)}")
+    state = read_tensors(os.path.join(path, "model.safetensors"))
     state.update(_global_experts(path, meta))
     for alias, target in meta["aliases"].items():
         state[alias] = state[target]
@@ -481,7 +407,7 @@ def export(path: str, out: str) -> Dict[str, Any]:
 
     path = resolve_step_dir(path)
     state = consolidated_state_dict(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     unique: Dict[str, torch.Tensor] = {k: v for k, v in state.items() if k not in meta["aliases"]}
     config = open(os.path.join(path, "config.yaml")).read() if os.path.isfile(os.path.join(path, "config.yaml")) else ""
     save_file({k: v.contiguous() for k, v in unique.items()}, out,
@@ -522,18 +448,13 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     """Restore weights, router state, optimizer moments, scheduler and engine counters from a step
     folder saved at any layout; returns the TrainState. A collective (call on every rank). Nothing on
     disk is written; every check runs before any state is changed."""
-    from safetensors.torch import load_file
-
     from moe.expert_parallel import EXPERT_PARAM_NAMES, expert_layout
 
     path = os.path.join(ckpt_dir, tag)
     if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE)):
         return _load_legacy(engine, ckpt_dir, tag)
-    meta = _read_meta(path)
-    problems = verify(path)
-    if problems:
-        raise CheckpointError(f"{path} is incomplete or inconsistent ({len(problems)} problems): "
-                              + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    _verify_once(path)
+    meta = read_meta(path)
     check_compatible(engine, path, meta)
 
     model = engine.module
@@ -542,14 +463,14 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     keys = meta["optimizer"]["moments"]
     if keys:
         opt.prepare(meta["optimizer"]["step"], keys)
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    moments = load_file(os.path.join(path, "optimizer.safetensors")) if keys else {}
+    weights = read_tensors(os.path.join(path, "model.safetensors"))
+    moments = read_tensors(os.path.join(path, "optimizer.safetensors")) if keys else {}
     for name, p in dense:
         opt.set(p, weights[name], {k: moments[f"{k}/{name}"] for k in keys})
     with torch.no_grad():
         for name, buf in buffers.items():
             buf.copy_(weights[name].to(buf.device, buf.dtype))
-    index = _expert_index(path)
+    index = expert_index(path)
     for prefix, ex in expert_layers.items():
         offset, local, _ = expert_layout(ex)
         for t in EXPERT_PARAM_NAMES:
@@ -564,12 +485,29 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
                 return torch.stack([got[k] for k in ks])
 
             opt.set(getattr(ex, t), stacked(""), {k: stacked(f"{k}/") for k in keys})
-    trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    trainer = read_trainer(path)
     if engine.lr_scheduler is not None and trainer.get("scheduler") is not None:
         engine.lr_scheduler.load_state_dict(_fit_scheduler_state(trainer["scheduler"], engine.lr_scheduler))
     for k, v in trainer.get("engine", {}).items():
         setattr(engine, k, v)
     return trainer["train_state"]
+
+
+def _verify_once(path: str) -> None:
+    """Rank 0 verifies the folder (checksums, structure, finiteness, step) before any state changes;
+    every rank learns the verdict, so all refuse together. The cost is one read of the folder."""
+    import torch.distributed as dist
+
+    is_dist = dist.is_initialized() and dist.get_world_size() > 1
+    problems = verify(path) if not is_dist or dist.get_rank() == 0 else []
+    if is_dist:
+        flag = torch.tensor([len(problems)], dtype=torch.int64)
+        dist.broadcast(flag, src=0)
+        if int(flag) and not problems:
+            raise CheckpointError(f"{path} failed verification on rank 0 (its log names the problems)")
+    if problems:
+        raise CheckpointError(f"{path} is incomplete, corrupt or inconsistent ({len(problems)} problems): "
+                              f"{problems_brief(problems, 8)}; run `moe ckpt verify {path}`")
 
 
 def _fit_scheduler_state(state: Dict[str, Any], scheduler) -> Dict[str, Any]:
@@ -596,23 +534,38 @@ def _load_legacy(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
             f"{os.path.join(ckpt_dir, tag)} is in DeepSpeed's own format (written by an earlier version), which "
             f"cannot be loaded with parallel.ep_size > 1: resume it once with parallel.ep_size=1 (the next "
             f"checkpoint is layout-free)")
+    _safe_scan_legacy(os.path.join(ckpt_dir, tag))
     _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None or "train_state" not in client_state:
-        raise RuntimeError(f"{os.path.join(ckpt_dir, tag)}: not a checkpoint written by moe train")
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: not a checkpoint written by moe train")
     return client_state["train_state"]
+
+
+def _safe_scan_legacy(path: str) -> None:
+    """DeepSpeed's loader unpickles without restriction. Each file is first read with the safe
+    loader, which refuses anything but tensors and plain data: only a folder that passes is handed
+    to DeepSpeed, so a planted object never runs."""
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt"):
+            safe_torch_load(os.path.join(path, name))
 
 
 def load_model_weights(ckpt_dir: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The EP=1 model state dict from a checkpoint, without DeepSpeed (for generate/eval)."""
-    tag = tag or latest_tag(ckpt_dir)
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no `latest` file)")
+        tag, note = find_resume(ckpt_dir)
+        if note:
+            print(f"note: {note}")
+    if tag is None:
+        raise CheckpointNotFound(f"no checkpoint in {ckpt_dir}")
     path = os.path.join(ckpt_dir, tag)
     if os.path.isfile(os.path.join(path, "meta.json")):
         return consolidated_state_dict(path)
     legacy = os.path.join(path, LEGACY_MODEL_FILE)
     if not os.path.isfile(legacy):
-        raise FileNotFoundError(f"{path}: missing model states (no meta.json)")
-    state = torch.load(legacy, map_location="cpu", weights_only=False)
+        raise CheckpointNotFound(f"{path}: not a checkpoint (no meta.json)")
+    state = safe_torch_load(legacy)
+    if not isinstance(state, dict) or "module" not in state:
+        raise CheckpointError(f"{legacy}: no model weights (`module`) in it")
     return state["module"]

@@ -12,6 +12,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def _die(msg: str) -> NoReturn:
+    if _debug() and sys.exc_info()[1] is not None:
+        raise  # MOE_DEBUG=1: the traceback of the error being handled, instead of the one line
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -47,14 +49,17 @@ def cmd_compare(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from moe.inference import generate, load_run
+    from moe.errors import MoeError
+    from moe.inference import check_sampling_args, generate, load_run
 
     try:
+        # the flags first: a bad one is an error line, not a traceback after loading the model
+        check_sampling_args(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         model, tok, _ = load_run(args.run_dir, args.tag)
-    except FileNotFoundError as exc:
+        ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.seed, eos_id=tok.eos_id)
+    except (MoeError, FileNotFoundError) as exc:
         _die(str(exc))
-    ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   args.seed, eos_id=tok.eos_id)
     print(args.prompt + tok.decode(ids))
 
 
@@ -353,12 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     g.add_argument("run_dir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, help="text to continue (not empty)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add, >= 1 (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, else >= 1e-6 (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 = off (default)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1]; 1 = off (default 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, >= 0 (default 0)")
     g.add_argument("--tag", default=None, help="checkpoint folder name (default: latest)")
     g.set_defaults(func=cmd_generate)
 
@@ -457,10 +462,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """Every failure a user can cause ends as one `error:` line naming the key, file or value, exit 2;
+    MOE_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    args.func(args)
+    try:
+        args.func(args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001  (the one place every failure is turned into a message)
+        if _debug():
+            raise
+        _die(describe_error(exc))
+
+
+def _debug() -> bool:
+    return os.environ.get("MOE_DEBUG", "") not in ("", "0")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for any exception: our own errors say what they say; OS errors name the path
+    (ENOSPC: the disk is full); anything else is named as unexpected."""
+    import errno
+
+    from moe.errors import MoeError
+
+    if isinstance(exc, MoeError):
+        return str(exc).strip().replace("\n", " ")
+    if isinstance(exc, OSError):
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        what = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            what = "no space left on the device (disk full)"
+        return f"{where}: {what}" if where else what
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text} (unexpected; MOE_DEBUG=1 shows the traceback)"
 
 
 if __name__ == "__main__":

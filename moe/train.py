@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from moe import checkpoint
+from moe.errors import TrainingDiverged
+from moe.io import RunLock, atomic_write
 from moe.config import Config, ConfigError, config_from_yaml_text, grad_accum_steps, global_batch_size, to_dict, to_yaml, validate
 from moe.host_memory import keep_freed_memory
 from moe.model import GPT, count_params, flops_per_token
@@ -52,33 +54,59 @@ def config_differences(old: Config, new: Config) -> list:
                   if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
 
 
-def prepare_run_dir(cfg: Config, is_writer: bool) -> str:
-    """Create runs/<name>/, or reuse it when it holds the same config. Never deletes a previous run:
-    with run.overwrite=true a different old run is moved aside to <name>.old-<time>."""
+def check_run_dir(cfg: Config) -> bool:
+    """Whether runs/<name>/ must be moved aside before this run uses it; a ConfigError when it may
+    not be used at all. Writes nothing (`moe launch` runs it before submitting).
+
+    Refused without run.overwrite=true: a folder that holds a run with a different config, and
+    checkpoint.resume=false on a folder that holds checkpoints (starting over would replace them)."""
     run_dir = os.path.join(cfg.run.root, cfg.run.name)
     cfg_path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(cfg_path):
-        try:
-            old = config_from_yaml_text(open(cfg_path).read())
-        except ConfigError as exc:
-            old, diff = None, [f"(unreadable: {exc})"]
-        else:
-            diff = config_differences(old, cfg)
-        if diff:
-            if not cfg.run.overwrite:
-                raise ConfigError(
-                    f"{run_dir} already holds a run with a different config (differs in: {', '.join(diff[:8])}); "
-                    f"choose another run.name or pass run.overwrite=true to move the old run aside")
-            if is_writer:
-                aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.replace(run_dir, aside)
-                print(f"moved the previous run in {run_dir} to {aside}")
+    steps = checkpoint.list_steps(os.path.join(run_dir, "checkpoints"))
+    if not cfg.checkpoint.resume and steps:
+        if not cfg.run.overwrite:
+            raise ConfigError(
+                f"checkpoint.resume=false, but {run_dir}/checkpoints holds checkpoints "
+                f"({', '.join(checkpoint.step_tag(s) for s in steps[-3:])}): starting over would replace them; "
+                f"pass run.overwrite=true to move the old run aside, or choose another run.name")
+        return True
+    if not os.path.isfile(cfg_path):
+        return False
+    try:
+        diff = config_differences(config_from_yaml_text(open(cfg_path).read()), cfg)
+    except ConfigError as exc:
+        diff = [f"(unreadable: {exc})"]
+    if diff and not cfg.run.overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run with a different config (differs in: {', '.join(diff[:8])}); "
+            f"choose another run.name or pass run.overwrite=true to move the old run aside")
+    return bool(diff)
+
+
+def prepare_run_dir(cfg: Config, is_writer: bool, defer_config: bool = False) -> str:
+    """Create runs/<name>/, or reuse it when `check_run_dir` allows. Never deletes a previous run:
+    with run.overwrite=true a refused old run is moved aside to <name>.old-<time>. `defer_config`
+    leaves an existing folder's config.yaml for the caller to rewrite once resuming has worked."""
+    run_dir = os.path.join(cfg.run.root, cfg.run.name)
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if check_run_dir(cfg):
+        _move_aside(run_dir, is_writer)
     if is_writer:
         os.makedirs(run_dir, exist_ok=True)
-        with open(cfg_path + ".tmp", "w") as f:
-            f.write(to_yaml(cfg))
-        os.replace(cfg_path + ".tmp", cfg_path)
+        if not (defer_config and os.path.isfile(cfg_path)):  # train() rewrites it once resuming worked
+            atomic_write(cfg_path, to_yaml(cfg))
     return run_dir
+
+
+def _move_aside(run_dir: str, is_writer: bool) -> None:
+    if not is_writer:
+        return
+    aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.exists(aside):  # two overwrites within a second must not collide
+        aside, n = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    os.replace(run_dir, aside)
+    print(f"moved the previous run in {run_dir} to {aside}")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -139,46 +167,59 @@ class Periodic:
 class Preemption:
     """Stops the run cleanly when asked by a signal: SIGUSR2 is Slurm's warning before the time limit
     (`#SBATCH --signal=USR2@120`, or `scancel --signal=USR2 JOBID`); SIGTERM is a cancel, a time limit
-    or a preemption.
+    or a preemption; SIGINT (Ctrl-C) stops like SIGTERM, and a second Ctrl-C aborts at once.
 
     The handler only sets a flag. At each step boundary every rank learns whether any rank was
-    signalled (one all-reduce of an int), so all ranks stop after the same step; the loop then saves a
-    checkpoint and ends. After USR2 under Slurm, rank 0 finally requeues the job (`scontrol requeue`),
-    whose next start resumes from that checkpoint. SIGTERM never requeues: it is how `scancel` and time
-    limits end a job, and Slurm requeues preempted jobs itself.
+    signalled (one all-reduce, which also carries whether any rank's loss went non-finite), so all
+    ranks stop after the same step; the loop then saves a checkpoint and ends. After USR2 under
+    Slurm, rank 0 finally requeues the job (`scontrol requeue`), whose next start resumes from that
+    checkpoint. SIGTERM and SIGINT never requeue: they are how `scancel`, time limits and a user end
+    a job, and Slurm requeues preempted jobs itself.
     """
 
     USR2, TERM = 1, 2  # stop codes; TERM wins when both arrive, so a cancel never turns into a requeue
+    NAMES = {USR2: "SIGUSR2", TERM: "SIGTERM"}
 
     def __init__(self) -> None:
         self.received = 0  # on this rank
         self.stopped = 0  # agreed by all ranks at the last step boundary
+        self.interrupted = False
         self._previous: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR2, signal.SIGTERM):
+            for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame) -> None:
-        self.received = max(self.received, self.TERM if signum == signal.SIGTERM else self.USR2)
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now, without saving
+            self.interrupted = True
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("\n[moe] Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort "
+                      "without saving)", flush=True)
+        self.received = max(self.received, self.TERM if signum in (signal.SIGTERM, signal.SIGINT) else self.USR2)
 
-    def requested(self, device: torch.device) -> bool:
-        """Collective: call on every rank at the same step boundary."""
+    def signal_name(self) -> str:
+        return "SIGINT" if self.interrupted and self.stopped == self.TERM else self.NAMES.get(self.stopped, "-")
+
+    def requested(self, device: torch.device, diverged: bool = False):
+        """(stop requested on any rank, loss non-finite on any rank). Collective: call on every rank
+        at the same step boundary."""
         import torch.distributed as dist
 
-        code = self.received
+        flags = [self.received, int(diverged)]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([code], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            code = int(flag.item())
-        self.stopped = code
-        return code > 0
+            t = torch.tensor(flags, dtype=torch.int32, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [int(v) for v in t.tolist()]
+        self.stopped = flags[0]
+        return flags[0] > 0, bool(flags[1])
 
     def finish(self, rank: int, step: int) -> None:
         """After the run's last write. Requeueing makes Slurm end this job at once, so it comes last."""
-        name = {self.USR2: "SIGUSR2", self.TERM: "SIGTERM"}.get(self.stopped)
         job = os.environ.get("SLURM_JOB_ID")
-        if name and rank == 0:
-            print(f"[moe] stopped after step {step} on {name}; checkpoint saved", flush=True)
+        if self.stopped and rank == 0:
+            print(f"[moe] stopped after step {step} on {self.signal_name()}; checkpoint saved", flush=True)
         if self.stopped == self.USR2 and job:
             if rank == 0:
                 import sys
@@ -189,6 +230,9 @@ class Preemption:
                 print(f"[moe] requeued Slurm job {job}" if proc.returncode == 0 else
                       f"[moe] scontrol requeue {job} failed: {proc.stderr.strip()}", flush=True)
             return  # keep the handlers: Slurm's SIGTERM for the requeue must not kill this exiting process
+        self.restore()
+
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -227,7 +271,8 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
     freed_memory_kept = cfg.train.keep_freed_memory and keep_freed_memory()
     dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     seed_everything(cfg.run.seed)
-    data = prepare_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier)
+    data = prepare_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier, seq_len=cfg.train.seq_len,
+                        batch_sequences=cfg.train.micro_batch_size * world_size)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.tokenizer.vocab_size
     elif cfg.model.vocab_size < data.tokenizer.vocab_size:
@@ -242,7 +287,25 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
 
 
 def train(cfg: Config) -> Dict[str, Any]:
-    """Train (or resume) the run described by cfg; returns the summary written to summary.json."""
+    """Train (or resume) the run described by cfg; returns the summary written to summary.json.
+    Raises TrainingDiverged (nothing saved, exit non-zero) when the loss or gradient norm stops
+    being finite, and RunFolderBusy when another process tree trains in the same folder."""
+    from moe import parallel
+
+    # 1. everything that can fail cheaply fails before any heavy work or any write
+    world_size = parallel.world_size_from_env()
+    validate(cfg, world_size)
+    is_writer = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(cfg.run.root, cfg.run.name)
+    if is_writer:
+        lock.acquire()  # one process tree per run folder, released by the kernel if this one dies
+    try:
+        return _train_locked(cfg, world_size, is_writer)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, world_size: int, is_writer: bool) -> Dict[str, Any]:
     import torch.distributed as dist
 
     from moe import parallel
@@ -251,12 +314,12 @@ def train(cfg: Config) -> Dict[str, Any]:
     from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
     from moe.routing.balancing import end_optimizer_step
 
-    # 1. everything that can fail cheaply fails before any heavy work
-    world_size = parallel.world_size_from_env()
-    validate(cfg, world_size)
-    is_writer = int(os.environ.get("RANK", "0")) == 0
     preemption = Preemption()  # from here on, a signal stops the run at a step boundary
-    run_dir = prepare_run_dir(cfg, is_writer)
+    run_dir = prepare_run_dir(cfg, is_writer, defer_config=True)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if is_writer:
+        for name in checkpoint.remove_leftovers(ckpt_dir):  # of a killed save; we hold the lock
+            print(f"[moe] removed {os.path.join(ckpt_dir, name)}, left by an interrupted save", flush=True)
 
     # 2. processes, data, model, engine
     setup = build_training(cfg, world_size)
@@ -264,41 +327,21 @@ def train(cfg: Config) -> Dict[str, Any]:
     optimizer, scheduler, dtype, accum, moe_layers = (setup.optimizer, setup.scheduler, setup.dtype, setup.accum,
                                                      setup.moe_layers)
     rank = dist_info.rank
-    if rank == 0:
-        data.tokenizer.save(run_dir)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:  # now with the resolved vocab size
-            f.write(to_yaml(cfg))
     params = count_params(model)
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     tokens_per_step = global_batch_size(cfg, world_size) * cfg.train.seq_len
 
     # 3. resume
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
     sampler = BatchSampler(data.train, cfg.train.seq_len, cfg.train.micro_batch_size, rank, world_size,
                            seed=cfg.run.seed)
-    state: Dict[str, Any] = {"step": 0, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "wandb_id": None}
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
-    if tag is not None:
-        state = checkpoint.load(engine, ckpt_dir, tag)
-        # The optimizer restores the LR it last used, which came from the schedule of the saved run;
-        # recompute it from this run's schedule so that extending train.steps continues correctly.
-        for group, lr in zip(optimizer.param_groups, [base * scheduler.lr_lambdas[0](scheduler.last_epoch)
-                                                      for base in scheduler.base_lrs]):
-            group["lr"] = lr
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+    state, tag = _resume(cfg, engine, optimizer, scheduler, sampler, ckpt_dir, rank)
     resumed = tag is not None
-
+    if rank == 0:  # only now: a checkpoint that cannot be resumed leaves the folder as it was
+        data.tokenizer.save(run_dir)
+        atomic_write(os.path.join(run_dir, "config.yaml"), to_yaml(cfg))  # with the resolved vocab size
     if rank == 0:
-        kind = "moe" if moe_layers else "dense"
-        print(f"[moe] run {cfg.run.name} ({kind}) in {run_dir}: params total {params['params_total']:,}, "
-              f"active {params['params_active']:,}, training FLOPs/token {flops['flops_per_token']:.3e}, "
-              f"{tokens_per_step} tokens/step, world {world_size}, grad accum {accum}, device {dist_info.device}, "
-              f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}, "
-              f"freed host memory {'kept for reuse' if setup.freed_memory_kept else 'returned to the OS'}"
-              + ("; blocks torch.compile-d (the first step and the first evaluation compile)" if cfg.train.compile
-                 else "")
-              + (f"; resuming from {tag}" if resumed else ""), flush=True)
+        _banner(cfg, run_dir, params, flops, tokens_per_step, world_size, accum, dist_info, model, moe_layers,
+                setup.freed_memory_kept, tag)
     logger = None
     if rank == 0:
         logger = MetricLogger(run_dir, cfg, to_dict(cfg), state["step"] if resumed else None, state.get("wandb_id"))
@@ -341,6 +384,10 @@ def train(cfg: Config) -> Dict[str, Any]:
             window_loss += float(step_loss)
             window_steps += 1
             step = state["step"]
+            # a signal or a non-finite loss on any rank stops every rank here, after the same step
+            stop, diverged = preemption.requested(dist_info.device, not _finite(float(step_loss), grad_norm))
+            if diverged:
+                raise TrainingDiverged(_diverged_message(step, float(step_loss), grad_norm, ckpt_dir))
 
             if periodic.log(step):
                 loss_t = torch.tensor([window_loss / window_steps], dtype=torch.float64)
@@ -362,11 +409,13 @@ def train(cfg: Config) -> Dict[str, Any]:
             if periodic.eval(step):
                 t0 = time.perf_counter()
                 val_loss = evaluate(engine, data.val, cfg, dist_info, dtype)
+                if not math.isfinite(val_loss):
+                    raise TrainingDiverged(f"step {step}: the validation loss is {val_loss}; stopped without saving "
+                                           f"({_last_good(ckpt_dir)})")
                 if logger:
                     logger.log({"step": step, "tokens": state["tokens"], "flops": state["flops"],
                                 "loss/val": val_loss, "ppl/val": math.exp(min(val_loss, 50))})
                 window_t0 += time.perf_counter() - t0  # eval time is not training throughput
-            stop = preemption.requested(dist_info.device)  # a signal on any rank stops every rank here
             if periodic.checkpoint(step) or stop:
                 t0 = time.perf_counter()
                 state["sampler"] = sampler.state_dict()
@@ -379,8 +428,12 @@ def train(cfg: Config) -> Dict[str, Any]:
             if stop:
                 break
     except BaseException as exc:
+        preemption.restore()
         summary["status"] = "failed"
+        summary["reason"] = _failure_reason(exc)
         _write_summary(run_dir, summary, rank)
+        if logger:
+            logger.close()
         failure = parallel.collective_failure(exc, rank, world_size, cfg.parallel.timeout_s)
         if failure:  # a dead or stuck peer: say which collective, on which rank
             from moe.expert_parallel import CollectiveError
@@ -396,6 +449,8 @@ def train(cfg: Config) -> Dict[str, Any]:
                     "val_ppl": math.exp(min(val_loss, 50)), "tokens": state["tokens"], "steps": state["step"],
                     "training_flops": state["flops"], "wall_s": state["wall_s"],
                     "tokens_per_s": state["tokens"] / state["wall_s"] if state["wall_s"] > 0 else float("nan")})
+    if preemption.stopped:
+        summary["reason"] = f"stopped on {preemption.signal_name()} after step {state['step']}; checkpoint saved"
     _write_summary(run_dir, summary, rank)
     if logger:
         logger.summary(summary)
@@ -405,6 +460,63 @@ def train(cfg: Config) -> Dict[str, Any]:
     parallel.shutdown_distributed()
     preemption.finish(rank, state["step"])
     return summary
+
+
+def _resume(cfg: Config, engine, optimizer, scheduler, sampler, ckpt_dir: str, rank: int):
+    """(train state, tag resumed from or None). `latest`, or with it missing or dangling the newest
+    verified step folder (said on rank 0); the checkpoint is verified before anything is restored."""
+    state: Dict[str, Any] = {"step": 0, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "wandb_id": None}
+    if not cfg.checkpoint.resume:
+        return state, None
+    tag, note = checkpoint.find_resume(ckpt_dir)
+    if tag is None:
+        return state, None
+    if note and rank == 0:
+        print(f"[moe] {note}", flush=True)
+    state = checkpoint.load(engine, ckpt_dir, tag)
+    # The optimizer restores the LR it last used, which came from the schedule of the saved run;
+    # recompute it from this run's schedule so that extending train.steps continues correctly.
+    for group, lr in zip(optimizer.param_groups, [base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                                                  for base in scheduler.base_lrs]):
+        group["lr"] = lr
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state, tag
+
+
+def _banner(cfg, run_dir, params, flops, tokens_per_step, world_size, accum, dist_info, model, moe_layers,
+            freed_memory_kept, tag) -> None:
+    kind = "moe" if moe_layers else "dense"
+    print(f"[moe] run {cfg.run.name} ({kind}) in {run_dir}: params total {params['params_total']:,}, "
+          f"active {params['params_active']:,}, training FLOPs/token {flops['flops_per_token']:.3e}, "
+          f"{tokens_per_step} tokens/step, world {world_size}, grad accum {accum}, device {dist_info.device}, "
+          f"dispatch {model.moe_layers()[0].dispatch_backend if moe_layers else '-'}, "
+          f"freed host memory {'kept for reuse' if freed_memory_kept else 'returned to the OS'}"
+          + ("; blocks torch.compile-d (the first step and the first evaluation compile)" if cfg.train.compile
+             else "")
+          + (f"; resuming from {tag}" if tag else ""), flush=True)
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values if v is not None)
+
+
+def _last_good(ckpt_dir: str) -> str:
+    tag, _ = checkpoint.read_latest(ckpt_dir)
+    return f"the last checkpoint, {os.path.join(ckpt_dir, tag)}, is untouched" if tag else "no checkpoint was saved"
+
+
+def _diverged_message(step: int, loss: float, grad_norm: float, ckpt_dir: str) -> str:
+    return (f"step {step}: non-finite training (loss {loss}, gradient norm {grad_norm}; on some rank); stopped "
+            f"without saving ({_last_good(ckpt_dir)}). Check train.lr, model.norm_eps, model.rope_theta, "
+            f"the data, or resume from the last checkpoint with a lower learning rate")
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 def _grad_norm(engine) -> float:
@@ -420,8 +532,5 @@ def _grad_norm(engine) -> float:
 def _write_summary(run_dir: str, summary: Dict[str, Any], rank: int) -> None:
     if rank != 0:
         return
-    path = os.path.join(run_dir, "summary.json")
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(clean, indent=2))

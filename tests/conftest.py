@@ -56,3 +56,21 @@ def fake_slurm(tmp_path, monkeypatch):
         os.chmod(bin_dir / f, 0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return bin_dir
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A small local text corpus (the embedded one costs seconds of start-up in every process)."""
+    import inspect
+    import json as json_mod
+    import textwrap
+
+    path = tmp_path_factory.mktemp("text_corpus") / "corpus.txt"
+    path.write_text("\n".join(inspect.getsource(m) for m in (json_mod, textwrap, inspect)))
+    return str(path)
+
+
+def tiny_run_args(corpus, data_cache, *extra):
+    """`moe train` arguments for a debug MoE run that takes a second or two."""
+    return ["train", "experiments/debug_moe.yaml", f"data.dataset={corpus}", f"data.cache_dir={data_cache}",
+            "train.eval_every=0", "train.eval_batches=1", "train.log_every=1", "logging.wandb.mode=disabled", *extra]

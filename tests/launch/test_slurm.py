@@ -15,7 +15,8 @@ from tests.conftest import run_moe
 from tests.launch.conftest import (PLANTED_SECRETS, files_containing, job_id_from, job_state, tail, train_losses,
                                    wait_for_steps, wait_job)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# one worker runs them all, in order: the local cluster has two nodes, and parallel jobs would queue
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 SHORT = 8  # steps compared with one process: MoE routing amplifies float reordering after ~10 steps
 LONG = 80  # steps of the runs that get interrupted: long enough to signal one mid-run
