@@ -315,14 +315,15 @@ def _train_locked(cfg: Config, world_size: int, is_writer: bool) -> Dict[str, An
     from moe.routing.balancing import end_optimizer_step
 
     preemption = Preemption()  # from here on, a signal stops the run at a step boundary
+    check_run_dir(cfg)  # a folder that may not be used is refused before anything is built or written
+
+    # 2. processes, data, model, engine (bad data fails here, before the run folder is touched)
+    setup = build_training(cfg, world_size)
     run_dir = prepare_run_dir(cfg, is_writer, defer_config=True)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if is_writer:
         for name in checkpoint.remove_leftovers(ckpt_dir):  # of a killed save; we hold the lock
             print(f"[moe] removed {os.path.join(ckpt_dir, name)}, left by an interrupted save", flush=True)
-
-    # 2. processes, data, model, engine
-    setup = build_training(cfg, world_size)
     dist_info, data, model, engine = setup.dist_info, setup.data, setup.model, setup.engine
     optimizer, scheduler, dtype, accum, moe_layers = (setup.optimizer, setup.scheduler, setup.dtype, setup.accum,
                                                      setup.moe_layers)
