@@ -181,11 +181,13 @@ class MetricLogger:
         if mode != "disabled":
             import wandb
 
-            wc = cfg.logging.wandb
+            # from the config as written (secret values redacted), never from the live config
+            wc = config_dict["logging"]["wandb"]
             self.wandb_id = wandb_id or uuid.uuid4().hex[:12]  # kept in checkpoints: restarts continue this run
             self.wandb = wandb.init(
-                project=wc.project, entity=wc.entity, group=wc.group, name=cfg.run.name, tags=list(wc.tags),
-                job_type=wc.job_type, config=config_dict, dir=run_dir, mode=mode, id=self.wandb_id,
+                project=wc["project"], entity=wc["entity"], group=wc["group"], name=config_dict["run"]["name"],
+                tags=list(wc["tags"]), job_type=wc["job_type"], config=config_dict, dir=run_dir, mode=mode,
+                id=self.wandb_id,
                 resume="allow",
             )
             # Two x axes: every metric is plotted against tokens (equal data), and the losses again,

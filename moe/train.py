@@ -48,8 +48,12 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(old: Config, new: Config) -> list:
     a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
-    if b["model.vocab_size"] == 0:  # "from the tokenizer": the stored config holds the resolved value
+    # 0 is "from the tokenizer": either side may hold the resolved value (the stored config after a
+    # run started, the live one after the data was built), and it follows from the data keys anyway
+    if b["model.vocab_size"] == 0:
         b["model.vocab_size"] = a.get("model.vocab_size")
+    if a.get("model.vocab_size") == 0:
+        a["model.vocab_size"] = b["model.vocab_size"]
     return sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
 
@@ -312,7 +316,7 @@ def _train_locked(cfg: Config, world_size: int, is_writer: bool) -> Dict[str, An
     from moe.data import BatchSampler
     from moe.expert_parallel import ep_metrics
     from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
-    from moe.routing.balancing import end_optimizer_step
+    from moe.train_step import optimizer_step
 
     preemption = Preemption()  # from here on, a signal stops the run at a step boundary
     check_run_dir(cfg)  # a folder that may not be used is refused before anything is built or written
@@ -364,31 +368,18 @@ def _train_locked(cfg: Config, world_size: int, is_writer: bool) -> Dict[str, An
     engine.train()
     try:
         while state["step"] < cfg.train.steps:
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for _ in range(accum):
-                x, y = sampler.next_batch()
-                with torch.autocast(dist_info.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = engine(x.to(dist_info.device), y.to(dist_info.device))
-                engine.backward(out.loss + out.aux_loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary and engine.zero_optimization_stage() == 0:
-                    grad_norm = _grad_norm(engine)  # before the step clips and consumes the gradients
-                engine.step()
-                if boundary and engine.zero_optimization_stage() > 0:
-                    grad_norm = _grad_norm(engine)  # ZeRO computes it inside its step
-                if boundary:  # the step's expert load -> aux-loss-free bias, global-batch loss statistics
-                    end_optimizer_step(model)
-                step_loss += out.loss.detach().double().cpu() / accum
+            result = optimizer_step(engine, model, sampler.next_batch, accum, dist_info.device, dtype)
+            step_loss, grad_norm = result.loss, result.grad_norm
             state["step"] += 1
             state["tokens"] += tokens_per_step
             state["flops"] += tokens_per_step * flops["flops_per_token"]
-            window_loss += float(step_loss)
+            window_loss += step_loss
             window_steps += 1
             step = state["step"]
             # a signal or a non-finite loss on any rank stops every rank here, after the same step
-            stop, diverged = preemption.requested(dist_info.device, not _finite(float(step_loss), grad_norm))
+            stop, diverged = preemption.requested(dist_info.device, not _finite(step_loss, grad_norm))
             if diverged:
-                raise TrainingDiverged(_diverged_message(step, float(step_loss), grad_norm, ckpt_dir))
+                raise TrainingDiverged(_diverged_message(step, step_loss, grad_norm, ckpt_dir))
 
             if periodic.log(step):
                 loss_t = torch.tensor([window_loss / window_steps], dtype=torch.float64)
@@ -518,16 +509,6 @@ def _failure_reason(exc: BaseException) -> str:
         return "interrupted (KeyboardInterrupt)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500]
-
-
-def _grad_norm(engine) -> float:
-    """Global gradient norm before clipping. With ZeRO 0 the engine has already averaged the gradients
-    over data-parallel ranks at this point, so every rank computes the same norm (under expert
-    parallelism each expert is counted once: a collective over the EP group); ZeRO 1/2 keep the
-    gradients partitioned and the engine reports the norm after its step."""
-    from moe.parallel import grad_norm
-
-    return grad_norm(engine)
 
 
 def _write_summary(run_dir: str, summary: Dict[str, Any], rank: int) -> None:
