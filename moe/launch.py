@@ -6,7 +6,7 @@ One command does everything a reproducible multi-node run needs, in this order, 
 1. resolve the config (YAML + dotted overrides) and validate it for the job's world size
    (nodes x processes per node), check the Slurm options (node count, partition via `sinfo`);
 2. write the run folder `runs/<name>/`: the resolved `config.yaml` (the job trains from it, so
-   editing experiments/ later changes nothing), `submit.sbatch` (from `launch/job.sbatch`), a code
+   editing experiments/ later changes nothing), `submit.sbatch` (from `moe/templates/job.sbatch`), a code
    snapshot (`code/<time>/commit.txt` and the uncommitted diff, untracked files included except
    those that look like secrets: `left_out.txt` names them) and `launch.json`;
 3. `sbatch` it and print the job id and the log paths (`--wait`: and wait for the job to end).
@@ -40,7 +40,9 @@ from moe.errors import MoeError
 from moe.config import Config, ConfigError, load_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = os.environ.get("MOE_LAUNCH_TEMPLATE", os.path.join(ROOT, "launch", "job.sbatch"))
+# the job script template ships inside the package (package data), so a wheel or `pip install .` has it
+TEMPLATE = os.environ.get("MOE_LAUNCH_TEMPLATE", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                              "templates", "job.sbatch"))
 
 from moe.io import REDACTED, SECRET_NAME, atomic_write, redact, secret_values  # noqa: E402,F401  (re-exported)
 
@@ -285,10 +287,10 @@ def _run_selection(tasks: List[Task]) -> str:
 
 def render_sbatch(opts: LaunchOptions, tasks: List[Task], script_path: str, job_dir: str,
                   command: Sequence[str]) -> str:
-    """The job script, from launch/job.sbatch."""
+    """The job script, from moe/templates/job.sbatch."""
     if not os.path.isfile(TEMPLATE):
-        raise LaunchError(f"job script template not found: {TEMPLATE} (moe must be installed from a checkout, "
-                          f"`pip install -e .`, or MOE_LAUNCH_TEMPLATE must point to launch/job.sbatch)")
+        raise LaunchError(f"job script template not found: {TEMPLATE} (set MOE_LAUNCH_TEMPLATE to a job.sbatch, "
+                          f"or reinstall moe: it ships as moe/templates/job.sbatch)")
     gpus = not opts.cpu
     if opts.cpu is None:
         has = partition_has_gpus(opts.partition)
