@@ -3,9 +3,11 @@
     python -m benchmarks.train [--dense CFG] [--moe CFG] [--steps N] [--threads N] [--system-alloc] [--json OUT]
                                [key=value ...]
 
-Builds both models from their experiment configs (default: the quickstart pair), then times full
-training steps (forward, backward, AdamW step) on the same random token batches, alternating
-dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
+Builds both models from their experiment configs (default: the quickstart pair), each in its
+DeepSpeed engine as `moe train` builds it (moe/parallel.py `build_engine`: AdamW, clipping, the LR
+schedule), then times full training steps through `moe/train_step.py` `optimizer_step`, the step
+`moe train` runs (forward, backward, gradient norm, engine step, router updates), on the same random
+token batches, alternating dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
 Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`; `train.compile=true`
 times both models torch.compile-d (moe/parallel.py `apply_compile`). Freed memory is kept
 for reuse as `moe train` does (train.keep_freed_memory); --system-alloc keeps glibc's default.
@@ -23,7 +25,8 @@ import torch
 from benchmarks import quartiles
 
 
-def build(cfg_path: str, overrides):
+def build(cfg_path: str, overrides, dist_info):
+    from moe import parallel
     from moe.config import load_config, validate
     from moe.model import GPT, count_params
 
@@ -31,20 +34,16 @@ def build(cfg_path: str, overrides):
     validate(cfg)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 257 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size
-    model = GPT(cfg.model)
-    if cfg.train.compile:  # as `moe train` does (the warm-up steps compile)
-        from moe.parallel import apply_compile
-
-        apply_compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return cfg, model, opt, count_params(model)
+    model = GPT(cfg.model).to(dist_info.device)
+    engine, _, _, dtype = parallel.build_engine(model, cfg, dist_info, grad_accum=1)  # compiles if train.compile
+    return cfg, (engine, model, dtype), count_params(model)
 
 
-def step(model, opt, x, y) -> None:
-    out = model(x, y)
-    (out.loss + out.aux_loss).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def step(runner, device, x, y) -> None:
+    from moe.train_step import optimizer_step
+
+    engine, model, dtype = runner
+    optimizer_step(engine, model, lambda: (x, y), 1, device, dtype)
 
 
 def main(argv=None) -> dict:
@@ -62,23 +61,26 @@ def main(argv=None) -> dict:
     from moe.host_memory import keep_freed_memory
 
     reused = not args.system_alloc and keep_freed_memory()
+    from moe import parallel
+
+    dist_info = parallel.init_distributed("auto", 600)  # one process: DeepSpeed wants a process group
     torch.manual_seed(0)
-    runs = {"dense": build(args.dense, args.overrides), "moe": build(args.moe, args.overrides)}
+    runs = {"dense": build(args.dense, args.overrides, dist_info), "moe": build(args.moe, args.overrides, dist_info)}
     cfg = runs["dense"][0]
     B, S, V = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.vocab_size
     batches = [torch.randint(0, V, (B, S + 1)) for _ in range(4)]
     times = {k: [] for k in runs}
     for i in range(args.steps + 3):
         batch = batches[i % len(batches)]
-        for name, (_, model, opt, _) in runs.items():
+        for name, (_, runner, _) in runs.items():
             t0 = time.perf_counter()
-            step(model, opt, batch[:, :-1], batch[:, 1:])
+            step(runner, dist_info.device, batch[:, :-1], batch[:, 1:])
             if i >= 3:  # warmup
                 times[name].append(time.perf_counter() - t0)
     tokens = B * S
     result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps,
               "freed_memory_reused": reused, "compiled": bool(cfg.train.compile)}
-    for name, (c, _, _, params) in runs.items():
+    for name, (c, _, params) in runs.items():
         med = statistics.median(times[name])
         result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}
     result["moe_over_dense"] = result["moe"]["tokens_per_s"] / result["dense"]["tokens_per_s"]

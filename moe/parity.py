@@ -75,8 +75,8 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
     from moe.data import BatchSampler
     from moe.expert_parallel import gather_experts, is_expert_param, model_groups
     from moe.metrics import router_metrics
-    from moe.routing.balancing import end_optimizer_step
     from moe.train import build_training
+    from moe.train_step import optimizer_step
 
     cfg = load_config(config, list(overrides) + [
         f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
@@ -98,28 +98,13 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
     records: List[Dict[str, Any]] = []
     engine.train()
     for step in range(1, steps + 1):
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        logits = []
-        grad_norm = float("nan")
-        for _ in range(accum):
-            x, y = sampler.next_batch()
-            with torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                o = engine(x.to(info.device), y.to(info.device))
-            loss_sum += o.loss.detach().double().cpu()
-            if dump and step == 1:
-                logits.append(o.logits.detach().float().cpu())
-            engine.backward(o.loss + o.aux_loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            if boundary and engine.zero_optimization_stage() == 0:
-                grad_norm = parallel.grad_norm(engine)
-                if dump and step == 1:
-                    _dump_grads(model, names, full, grad_norm, dump, rank)
-            engine.step()
-            if boundary and engine.zero_optimization_stage() > 0:
-                grad_norm = parallel.grad_norm(engine)
-            if boundary:
-                end_optimizer_step(model)
-        loss_t = loss_sum / accum
+        first = bool(dump) and step == 1
+        result = optimizer_step(
+            engine, model, sampler.next_batch, accum, info.device, dtype, keep_outputs=first,
+            before_step=(lambda norm: _dump_grads(model, names, full, norm, dump, rank)) if first else None)
+        grad_norm = result.grad_norm
+        logits = [o.logits.detach().float().cpu() for o in result.outputs]
+        loss_t = torch.tensor(result.loss, dtype=torch.float64)
         dist.all_reduce(loss_t)
         stats = router_metrics(layers)
         rec: Dict[str, Any] = {"step": step, "loss": float(loss_t) / world, "grad_norm": grad_norm,
