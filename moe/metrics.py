@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from moe.layer import MoELayer
+from moe.config import to_dict
+from moe.io import atomic_write
 
 
 def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
@@ -182,10 +184,11 @@ class MetricLogger:
             import wandb
 
             # from the config as written (secret values redacted), never from the live config
-            wc = config_dict["logging"]["wandb"]
+            written = to_dict(cfg)
+            wc = written["logging"]["wandb"]
             self.wandb_id = wandb_id or uuid.uuid4().hex[:12]  # kept in checkpoints: restarts continue this run
             self.wandb = wandb.init(
-                project=wc["project"], entity=wc["entity"], group=wc["group"], name=config_dict["run"]["name"],
+                project=wc["project"], entity=wc["entity"], group=wc["group"], name=written["run"]["name"],
                 tags=list(wc["tags"]), job_type=wc["job_type"], config=config_dict, dir=run_dir, mode=mode,
                 id=self.wandb_id,
                 resume="allow",
@@ -212,10 +215,7 @@ class MetricLogger:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError):
                     continue  # a line cut by a crash mid-write
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept), secrets=False)
 
     def log(self, record: Dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

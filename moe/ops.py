@@ -236,7 +236,21 @@ def _load_extension():
     return ext
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result` without importing torch._dynamo when nothing else has:
+    that import is 2.4 s of every process's start-up (each `moe` command, each rank), and dynamo's
+    decorator only marks the function with this attribute, which it reads when it traces. Once dynamo
+    is loaded, its own decorator is used. (tests/test_layer.py compiles the layer fullgraph: it fails
+    if the mark is not honoured.)"""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _extension_devices() -> str:
     """Loads moe._C (once) and returns the device types it has kernels for ("cpu,meta" or
     "cpu,meta,cuda"), or "" when it cannot be loaded. torch.compile calls this at trace time and

@@ -37,6 +37,8 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from moe.io import atomic_write
+
 ALIASES = {"ep": "parallel.ep_size", "zero": "train.zero_stage", "mbs": "train.micro_batch_size",
            "compile": "train.compile"}
 LOSS_KINDS = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
@@ -129,9 +131,7 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
     if rank == 0:
         meta = {"world_size": world, "grad_accum": accum, "ep_size": cfg.parallel.ep_size,
                 "zero_stage": cfg.train.zero_stage, "global_batch": global_batch_size(cfg, world)}
-        with open(out + ".tmp", "w") as f:
-            json.dump({"meta": meta, "steps": records}, f)
-        os.replace(out + ".tmp", out)
+        atomic_write(out, json.dumps({"meta": meta, "steps": records}), secrets=False)
     parallel.shutdown_distributed()
 
 

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from moe.config import ConfigError, folder_name_error, load_config, validate
+from moe.io import atomic_write
 
 
 @dataclass
@@ -171,9 +172,7 @@ def write_manifest(sweep: Sweep, results: Dict[str, Dict[str, Any]]) -> str:
                  for r in sweep.runs],
     }
     path = os.path.join(sweep.root, "sweep.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(manifest, indent=2))
     return path
 
 

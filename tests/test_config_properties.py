@@ -41,7 +41,7 @@ PY_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integer
                       st.none(), st.sampled_from(["abc", "1e12", "${model.d_model}", "${oc.env:NOPE_NOT_SET}", ""]),
                       st.lists(st.integers(-3, 9), max_size=3))
 
-SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
