@@ -66,6 +66,7 @@ from moe.checkpoint_store import (  # noqa: F401  (re-exported: the CLI, inferen
     problems_brief, prune, read_meta, read_tensors, read_trainer, resolve_step_dir, safe_torch_load, shard_files,
     step_tag, trainer_json, verify, write_latest, write_manifest)
 from moe.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
+from moe.io import fsync_dir
 
 
 def shard_name(ep_rank: int, ep_size: int) -> str:
@@ -360,8 +361,6 @@ def _publish(ckpt_dir: str, tmp_path: str, tag: str, step: int, keep_last: int) 
     if os.path.exists(final):  # same step saved again (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp_path, final)
-    from moe.io import fsync_dir
-
     fsync_dir(ckpt_dir)
     write_latest(ckpt_dir, tag)
     prune(ckpt_dir, step, keep_last)

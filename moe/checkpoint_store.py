@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from moe.errors import CheckpointError, CheckpointNotFound
+from moe.config import config_from_yaml_text
+from moe.errors import CheckpointError, CheckpointNotFound, ConfigError
 from moe.io import atomic_write, fsync_dir, fsync_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -437,9 +438,6 @@ def _check_step(path: str, meta: Dict[str, Any]) -> List[str]:
 def _check_config(path: str) -> List[str]:
     """The config stored with the weights is what `moe generate` and `moe eval` build the model
     from: it must read as a config (safely: OmegaConf's YAML loader makes no Python objects)."""
-    from moe.config import config_from_yaml_text
-    from moe.errors import ConfigError
-
     file = os.path.join(path, "config.yaml")
     if not os.path.isfile(file):
         return [f"{file}: missing"]
