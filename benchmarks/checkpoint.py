@@ -46,7 +46,7 @@ def read_all(path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    from moe.checkpoint_store import check_manifest, verify
+    from moe.train.checkpoint.store import check_manifest, verify
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="quickstart,1gb")

@@ -33,7 +33,7 @@ blocks above 32 MiB are mmap-ed and returned to the OS on free, so *every* call 
 outputs in again (about 2 us per 4 KiB page on this VM: a 1 GiB output costs ~0.6 s, several times
 the copy itself). That is a property of the process allocator, not of the dispatch kernels, and
 affects every implementation. By default the benchmark therefore keeps freed memory in the process
-(moe.host_memory.keep_freed_memory: glibc mmap off, no trimming; what `moe train` does by default,
+(moe.train.host_memory.keep_freed_memory: glibc mmap off, no trimming; what `moe train` does by default,
 and the steady state jemalloc/tcmalloc or a caching allocator give); free pages go back to the OS
 (malloc_trim) between measurements to bound the peak memory (~14 GiB for the full run).
 `--system-alloc` keeps the default allocator (the moe._C ops then ask for transparent huge pages
@@ -73,7 +73,7 @@ def _parse(argv=None):
 def _release_free_memory() -> None:
     """With mmap off, glibc never shrinks the heap and big blocks of varying sizes fragment it; give
     the free pages back between phases (the warm-up run of the next phase faults its outputs in)."""
-    from moe.host_memory import release_free_memory
+    from moe.train.host_memory import release_free_memory
 
     gc.collect()
     release_free_memory()
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     import torch
 
     from moe import ops
-    from moe.host_memory import keep_freed_memory
+    from moe.train.host_memory import keep_freed_memory
 
     reused = not args.system_alloc and keep_freed_memory()
 

@@ -34,8 +34,8 @@ def worker(config: str, overrides, steps: int, warmup: int, out: str) -> None:
 
     from moe import parallel
     from moe.config import grad_accum_steps, load_config, validate
-    from moe.expert_parallel import ep_metrics
-    from moe.model import GPT
+    from moe.parallel.expert import ep_metrics
+    from moe.nn.gpt import GPT
     from moe.routing.balancing import end_optimizer_step
 
     cfg = load_config(config, list(overrides) + ["logging.wandb.mode=disabled"])

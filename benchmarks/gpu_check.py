@@ -223,7 +223,7 @@ def stage_dispatch(args, device, dtype, state):
 
 def stage_layer(args, device, dtype, state):
     from moe.config import load_config
-    from moe.layer import DenseFFN, MoELayer
+    from moe.nn.moe_layer import DenseFFN, MoELayer
 
     def moe_layer(*overrides):
         torch.manual_seed(0)
@@ -258,7 +258,7 @@ def _train(device, dtype, steps, compile_blocks=False):
     """Steps of the quickstart MoE model (fp32 weights, autocast to dtype, AdamW) on a learnable toy
     stream (repeated 32-token motifs): (losses, seconds per step), both per step."""
     from moe.config import load_config
-    from moe.model import GPT
+    from moe.nn.gpt import GPT
     from moe.parallel import apply_compile
 
     cfg = load_config("experiments/quickstart_moe.yaml", ["model.vocab_size=257"])

@@ -6,7 +6,7 @@
 Compared at (T tokens, d=512, expert hidden 1024, E=8, k=2):
 
 - dense:            a SwiGLU FFN of hidden k * 1024 = 2048: the same active FLOPs per token;
-- ours dropless:    moe.layer.MoELayer, top-2 softmax router, no capacity (the training default);
+- ours dropless:    moe.nn.moe_layer.MoELayer, top-2 softmax router, no capacity (the training default);
 - ours cf=1.0:      the same with capacity factor 1.0 (tokens over capacity dropped);
 - ours + _grouped_mm: ours dropless with the experts as torch._grouped_mm (model.moe.experts_impl=grouped,
                     what torchtitan uses) instead of our compiled grouped SwiGLU;
@@ -22,7 +22,7 @@ By default the parameter gradients accumulate from pass to pass (each backward a
 under gradient accumulation; the MoE layers have 4x the parameters of dense, and on the 2-core dev
 VM that add cost them ~10% of a T=1024 pass); --zero-grad sets them to None before each pass (untimed), as a training
 step's `zero_grad(set_to_none=True)` does, so each backward writes fresh gradients.
-Freed memory is kept in the process for reuse (moe.host_memory.keep_freed_memory, as `moe train` does
+Freed memory is kept in the process for reuse (moe.train.host_memory.keep_freed_memory, as `moe train` does
 by default), for every implementation alike; --system-alloc keeps glibc's default, under which every
 block over 32 MiB (the MoE layers' weight gradients) is page-faulted in anew on every pass.
 """
@@ -56,7 +56,7 @@ class SwiGLU(nn.Module):
 
 def build_impls(tokens: int):
     from moe.config import load_config
-    from moe.layer import DenseFFN, MoELayer
+    from moe.nn.moe_layer import DenseFFN, MoELayer
 
     impls = {}
     impls["dense"] = DenseFFN(D_MODEL, TOP_K * HIDDEN, 0.02, 0.02)
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from moe import ops
-    from moe.host_memory import keep_freed_memory
+    from moe.train.host_memory import keep_freed_memory
 
     reused = not args.system_alloc and keep_freed_memory()
 

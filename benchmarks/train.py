@@ -4,12 +4,12 @@
                                [key=value ...]
 
 Builds both models from their experiment configs (default: the quickstart pair), each in its
-DeepSpeed engine as `moe train` builds it (moe/parallel.py `build_engine`: AdamW, clipping, the LR
-schedule), then times full training steps through `moe/train_step.py` `optimizer_step`, the step
+DeepSpeed engine as `moe train` builds it (moe/parallel/__init__.py `build_engine`: AdamW, clipping, the LR
+schedule), then times full training steps through `moe/train/step.py` `optimizer_step`, the step
 `moe train` runs (forward, backward, gradient norm, engine step, router updates), on the same random
 token batches, alternating dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
 Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`; `train.compile=true`
-times both models torch.compile-d (moe/parallel.py `apply_compile`). Freed memory is kept
+times both models torch.compile-d (moe/parallel/__init__.py `apply_compile`). Freed memory is kept
 for reuse as `moe train` does (train.keep_freed_memory); --system-alloc keeps glibc's default.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from benchmarks import quartiles
 def build(cfg_path: str, overrides, dist_info):
     from moe import parallel
     from moe.config import load_config, validate
-    from moe.model import GPT, count_params
+    from moe.nn.gpt import GPT, count_params
 
     cfg = load_config(cfg_path, list(overrides))
     validate(cfg)
@@ -40,7 +40,7 @@ def build(cfg_path: str, overrides, dist_info):
 
 
 def step(runner, device, x, y) -> None:
-    from moe.train_step import optimizer_step
+    from moe.train.step import optimizer_step
 
     engine, model, dtype = runner
     optimizer_step(engine, model, lambda: (x, y), 1, device, dtype)
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from moe.host_memory import keep_freed_memory
+    from moe.train.host_memory import keep_freed_memory
 
     reused = not args.system_alloc and keep_freed_memory()
     from moe import parallel

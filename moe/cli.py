@@ -20,7 +20,7 @@ def _die(msg: str) -> NoReturn:
 
 def cmd_train(args) -> None:
     from moe.config import ConfigError, load_config
-    from moe.train import train
+    from moe.train.loop import train
 
     overrides = list(args.overrides)
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and \
@@ -38,7 +38,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from moe.report import ReportError, compare_runs
+    from moe.analysis.compare import ReportError, compare_runs
 
     try:
         table = compare_runs(args.runs, args.out)
@@ -50,7 +50,7 @@ def cmd_compare(args) -> None:
 
 def cmd_generate(args) -> None:
     from moe.errors import MoeError
-    from moe.inference import check_sampling_args, generate, load_run
+    from moe.tools.inference import check_sampling_args, generate, load_run
 
     try:
         # the flags first: a bad one is an error line, not a traceback after loading the model
@@ -65,7 +65,7 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from moe.data import tokenize_file_for_eval
-    from moe.inference import evaluate_dataset, load_run
+    from moe.tools.inference import evaluate_dataset, load_run
 
     try:
         model, tok, cfg = load_run(args.run_dir, args.tag)
@@ -105,7 +105,7 @@ def cmd_launch(args) -> None:
 
 def cmd_match(args) -> None:
     from moe.config import ConfigError, load_config, to_yaml
-    from moe.match import match_dense
+    from moe.tools.match import match_dense
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -138,7 +138,7 @@ def cmd_sweep(args) -> None:
     import yaml
 
     from moe.config import ConfigError
-    from moe.sweep import load_sweep, run_local, wandb_sweep_config
+    from moe.tools.sweep import load_sweep, run_local, wandb_sweep_config
 
     try:
         # every run is validated for the world it will train in before anything starts
@@ -173,7 +173,7 @@ def cmd_sweep(args) -> None:
 def _sweep_slurm(args, sweep) -> None:
     from moe.config import ConfigError
     from moe.launch import LaunchError
-    from moe.sweep import submit_slurm
+    from moe.tools.sweep import submit_slurm
 
     opts = _launch_options(args, sweep.base, sweep.common)
     argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "sweep" else [args.sweep, "--slurm"]
@@ -204,8 +204,8 @@ def _has_variants(path: str) -> bool:
 
 
 def cmd_report(args) -> None:
-    from moe.report import ReportError
-    from moe.sweep_report import build_report
+    from moe.analysis.compare import ReportError
+    from moe.analysis.sweep_report import build_report
 
     try:
         text = build_report(args.dirs, args.out, wandb_summary=args.wandb)
@@ -226,13 +226,13 @@ def cmd_bench(args) -> None:
 
 
 def cmd_parity(args) -> None:
-    from moe.parity import main_parity
+    from moe.tools.parity import main_parity
 
     sys.exit(main_parity(args))
 
 
 def cmd_ckpt_verify(args) -> None:
-    from moe.checkpoint import resolve_step_dir, verify
+    from moe.train.checkpoint import resolve_step_dir, verify
 
     try:
         path = resolve_step_dir(args.dir)
@@ -251,7 +251,7 @@ def cmd_ckpt_verify(args) -> None:
 
 
 def cmd_ckpt_export(args) -> None:
-    from moe.checkpoint import CheckpointError, export
+    from moe.train.checkpoint import CheckpointError, export
 
     try:
         info = export(args.dir, args.out)
@@ -294,12 +294,12 @@ def cmd_info(args) -> None:
         built = f"moe._C has {' and '.join(k.upper() for k in kernels)} kernels"
     rows.append(("dispatch backend", f"{ops.dispatch_backend('auto')} ({built})"
                  + (" [forced by MOE_DISPATCH]" if os.environ.get("MOE_DISPATCH") else "")))
-    from moe.experts import describe_auto_impl
+    from moe.nn.experts import describe_auto_impl
 
     rows.append(("expert backend", describe_auto_impl(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"), ops.dispatch_backend("auto"))
         + " [model.moe.experts_impl=auto]"))
-    from moe.host_memory import can_keep_freed_memory
+    from moe.train.host_memory import can_keep_freed_memory
 
     rows.append(("host memory", "training keeps freed memory for reuse (train.keep_freed_memory)"
                  if can_keep_freed_memory() else "the system allocator's default (train.keep_freed_memory needs glibc)"))

@@ -14,7 +14,7 @@ This file holds the pure-PyTorch reference. A compiled backend, when present, is
 Compiled backend (`backend="extension"`): the C++/CUDA extension `moe._C` (moe/csrc/, built by
 setup.py) registers four dispatcher ops, torch.ops.moe.{routing_index, permute, unpermute,
 unpermute_backward}, with CPU (and, in a CUDA build, CUDA) kernels, plus the CPU-only expert ops
-grouped_swiglu and grouped_swiglu_backward (`grouped_swiglu` below, used by moe/experts.py). It is
+grouped_swiglu and grouped_swiglu_backward (`grouped_swiglu` below, used by moe/nn/experts.py). It is
 imported lazily, on first use, by `_load_extension()`, which also registers their fake (meta)
 kernels and autograd formulas with torch.library, so the ops work under torch.compile (fullgraph)
 and with autograd:
@@ -204,7 +204,7 @@ def grouped_swiglu_supported(backend: str, x: torch.Tensor) -> bool:
 def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The compiled grouped expert SwiGLU (moe._C, CPU): E SwiGLU FFNs over expert-sorted rows x [N, d],
     expert e taking the next counts[e] rows; w13 [E, 2h, d], w2 [E, d, h] -> [N, d]. The reference is
-    moe.experts `_loop` (same math, one multi-threaded GEMM per expert); check
+    moe.nn.experts `_loop` (same math, one multi-threaded GEMM per expert); check
     `grouped_swiglu_supported` first. counts stays a tensor: no host list is built."""
     _load_extension()
     return torch.ops.moe.grouped_swiglu(x, w13, w2, counts)[0]

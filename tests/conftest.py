@@ -1,30 +1,10 @@
-import json
+"""Fixtures shared by the tests (plain helpers live in tests/helpers.py)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, slurm_skip_reason
 
-
-def run_moe(args, cwd, env_extra=None, check=True, timeout=600):
-    """Run the `moe` CLI in a fresh process (DeepSpeed's comm state is per process)."""
-    from moe.metrics import training_env
-
-    env = training_env({"WANDB_MODE": os.environ.get("WANDB_MODE_TEST", "offline"), "PYTHONUNBUFFERED": "1",
-                        "OMP_NUM_THREADS": "1"})
-    env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-m", "moe.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"moe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
@@ -74,3 +54,23 @@ def tiny_run_args(corpus, data_cache, *extra):
     """`moe train` arguments for a debug MoE run that takes a second or two."""
     return ["train", "experiments/debug_moe.yaml", f"data.dataset={corpus}", f"data.cache_dir={data_cache}",
             "train.eval_every=0", "train.eval_batches=1", "train.log_every=1", "logging.wandb.mode=disabled", *extra]
+
+
+@pytest.fixture(scope="session")
+def corpus(text_corpus):
+    """The small local corpus under its older name."""
+    return text_corpus
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = slurm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def module_workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("launch")
+    os.symlink(os.path.join(ROOT, "experiments"), path / "experiments")
+    return path

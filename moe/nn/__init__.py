@@ -1,0 +1,1 @@
+"""The model, plain PyTorch: GPT blocks, dense and MoE FFNs, expert backends."""

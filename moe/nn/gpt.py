@@ -1,0 +1,183 @@
+"""Decoder-only GPT whose FFNs are dense or MoE. Plain PyTorch: no DeepSpeed, launcher or rank logic.
+
+token embedding -> n_layers x [RMSNorm -> causal self-attention (RoPE, SDPA) -> residual,
+RMSNorm -> FFN (dense SwiGLU or MoELayer) -> residual] -> RMSNorm -> LM head (optionally tied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig, dense_ffn_hidden, expert_hidden, moe_layer_ids
+from moe.nn.experts import expert_init_stds
+from moe.nn.moe_layer import DenseFFN, MoELayer
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, hd]; cos/sin: [S, hd/2]. Rotates pairs (x[2i], x[2i+1])."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: [B, H, max_len, hd] per layer."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 device, dtype) -> None:
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=cfg.init_std)
+        nn.init.normal_(self.proj.weight, std=out_std)
+
+    def forward(self, x, cos, sin, layer_id: int, cache: Optional[KVCache], start_pos: int):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = start_pos + S
+            cache.k[layer_id][:B, :, start_pos:end] = k
+            cache.v[layer_id][:B, :, start_pos:end] = v
+            keys, values = cache.k[layer_id][:B, :, :end], cache.v[layer_id][:B, :, :end]
+            # query i sits at absolute position start_pos + i and may see keys 0..start_pos + i
+            mask = torch.ones(S, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, is_moe: bool) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        init_std, out_std = expert_init_stds(cfg.init_std, cfg.n_layers)
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, out_std)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn: nn.Module
+        if is_moe:
+            self.ffn = MoELayer(cfg.d_model, expert_hidden(cfg), cfg.moe, init_std, out_std)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, dense_ffn_hidden(cfg), init_std, out_std)
+
+    def forward(self, x, cos, sin, cache=None, start_pos: int = 0, token_ids=None):
+        """token_ids: the model's input ids [B, S], for routers that route by token (hash routing)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, self.layer_id, cache, start_pos)
+        return x + self.ffn(self.ffn_norm(x), token_ids=token_ids)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+    """Mean next-token cross-entropy (None without targets)."""
+    aux_loss: torch.Tensor
+    """Sum of all MoE layers' weighted auxiliary losses (0 for a dense model or in eval)."""
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building GPT")
+        self.cfg = cfg
+        self.moe_layer_ids = moe_layer_ids(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, i, i in self.moe_layer_ids) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> List[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, start_pos: int = 0) -> ModelOutput:
+        B, S = idx.shape
+        if start_pos + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + S} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos = self.rope_cos[start_pos:start_pos + S]
+        sin = self.rope_sin[start_pos:start_pos + S]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, start_pos, token_ids=idx)
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        aux = torch.zeros((), device=idx.device)
+        for layer in self.moe_layers():
+            for value in layer.aux_losses.values():
+                aux = aux + value
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+
+
+# --------------------------------------------------------------------------------------- accounting
+
+
+def count_params(model: GPT) -> dict:
+    """Total parameters, and parameters active for one token (k of E routed experts)."""
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
+    inactive = 0
+    for layer in model.moe_layers():
+        expert_params = layer.experts.w13.numel() + layer.experts.w2.numel()
+        inactive += expert_params * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
+    embedding = model.embed.weight.numel()
+    return {
+        "params_total": total,
+        "params_active": total - inactive,
+        "params_embedding": embedding,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
+    """Training FLOPs per token (forward + backward = 3x forward; a matmul is 2 FLOPs per weight).
+
+    Counts the matmuls a token actually goes through: attention projections, dense FFNs, the router,
+    its top_k routed experts (no capacity padding is ever computed: dropped slots are skipped), the
+    shared experts, the LM head, and causal attention scores (on average seq_len/2 keys per query).
+    """
+    d, L = cfg.d_model, cfg.n_layers
+    moe_ids = set(moe_layer_ids(cfg))
+    fwd = 0
+    for i in range(L):
+        fwd += 2 * 4 * d * d  # qkv + output projection
+        fwd += 2 * 2 * d * (seq_len / 2)  # QK^T and AV over the causal half on average
+        if i in moe_ids:
+            h = expert_hidden(cfg)
+            fwd += 2 * d * cfg.moe.num_experts  # router
+            fwd += (cfg.moe.top_k + cfg.moe.num_shared_experts) * 2 * 3 * d * h
+        else:
+            fwd += 2 * 3 * d * dense_ffn_hidden(cfg)
+    fwd += 2 * d * cfg.vocab_size  # LM head
+    return {"flops_per_token": 3 * fwd, "flops_per_token_forward": fwd}

@@ -1,0 +1,1 @@
+"""Commands built on training: sweeps, dense matching, parity, inference."""

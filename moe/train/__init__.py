@@ -1,0 +1,1 @@
+"""Training: the loop, the optimizer step, evaluation, preemption, run folders and checkpoints."""

@@ -1,0 +1,289 @@
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from moe import ops
+from moe.nn.experts import EXPERT_IMPLS, Experts, _GroupedSwiGLU, swiglu
+from tests.helpers import DEVICE
+
+
+def reference(x, w13, w2, counts):
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        xe = x[start:start + c]
+        outs.append(swiglu(xe @ w13[e].t()) @ w2[e].t())
+        start += c
+    return torch.cat(outs)
+
+
+HAVE_GROUPED_MM = hasattr(torch, "_grouped_mm")
+needs_grouped_mm = pytest.mark.skipif(not HAVE_GROUPED_MM, reason=f"torch {torch.__version__} has no _grouped_mm")
+# On CUDA the grouped GEMM's CUTLASS kernels run bf16 only (torch's fallback elsewhere); on CPU its
+# fallback runs fp32 and bf16.
+GROUPED_DTYPES = [torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32, torch.bfloat16]
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", GROUPED_DTYPES, ids=str)
+@pytest.mark.parametrize("counts", [[64, 0, 48, 16], [128, 0, 0, 0], [32, 32, 32, 32], [13, 0, 50, 1],
+                                    [0, 0, 0, 0]], ids=str)
+def test_grouped_impl_matches_loop(counts, dtype):
+    """`grouped` (one torch._grouped_mm per projection, device offsets) against `loop` in the same dtype
+    and the fp64 reference, forward and all three gradients: its error at most twice the loop's.
+    Segments of any length (odd, empty, none at all)."""
+    g = torch.Generator().manual_seed(0)
+    n, d, h = sum(counts), 64, 96
+    base = [torch.randn(n, d, generator=g), torch.randn(4, 2 * h, d, generator=g) / d ** 0.5,
+            torch.randn(4, d, h, generator=g) / h ** 0.5]
+    grad = torch.randn(n, d, generator=g)
+
+    def run(impl, dt):
+        x, w13, w2 = [t.to(DEVICE, dt).requires_grad_() for t in base]
+        out = EXPERT_IMPLS[impl](x, w13, w2, torch.tensor(counts, device=DEVICE))
+        grads = torch.autograd.grad(out, (x, w13, w2), grad.to(DEVICE, dt), allow_unused=True)
+        return [t.double() for t in (out, *(torch.zeros_like(a) if gr is None else gr
+                                             for a, gr in zip((x, w13, w2), grads)))]
+
+    exact = run("loop", torch.float64)
+    for got, loop, want in zip(run("grouped", dtype), run("loop", dtype), exact):
+        assert torch.isfinite(got).all()
+        if want.numel():
+            assert (got - want).abs().max() <= 2 * (loop - want).abs().max() + 1e-5
+
+
+@needs_grouped_mm
+def test_grouped_impl_casts_to_the_autocast_dtype():
+    """torch._grouped_mm is no autocast op: under autocast `grouped` runs in the autocast dtype itself."""
+    counts = torch.tensor([5, 0, 11], device=DEVICE)
+    x = torch.randn(16, 32, device=DEVICE)
+    w13, w2 = torch.randn(3, 48, 32, device=DEVICE), torch.randn(3, 32, 24, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = EXPERT_IMPLS["grouped"](x, w13, w2, counts)
+    assert out.dtype == torch.bfloat16
+    want = EXPERT_IMPLS["grouped"](x.bfloat16(), w13.bfloat16(), w2.bfloat16(), counts)
+    assert torch.equal(out, want)
+
+
+def test_auto_picks_grouped_on_cuda_bf16_with_aligned_shapes():
+    from moe.nn.experts import resolve_experts_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    want = "grouped" if HAVE_GROUPED_MM else "loop"
+    assert resolve_experts_impl("auto", cuda, torch.bfloat16, 512, 1024) == want
+    assert resolve_experts_impl("auto", cuda, torch.bfloat16, 512, 1020) == "loop"  # 2040-byte rows
+    assert resolve_experts_impl("auto", cuda, torch.float32, 512, 1024) == "loop"
+    assert resolve_experts_impl("auto", cpu, torch.bfloat16, 512, 1024) == "loop"
+    assert resolve_experts_impl("padded", cpu, torch.float32, 5, 7) == "padded"
+
+
+@needs_grouped_mm
+def test_grouped_impl_rejects_unaligned_shapes_by_key():
+    from moe.config import ConfigError, load_config, validate
+
+    experts = Experts(2, 12, 20, 0.02, 0.02, impl="grouped")  # 12 x 2 bytes: not a multiple of 16 in bf16
+    with pytest.raises(ValueError, match="model.moe.experts_impl=grouped: .*d_model=12"):
+        experts(torch.randn(3, 12, dtype=torch.bfloat16), torch.tensor([1, 2]))
+    cfg = load_config("experiments/quickstart_moe.yaml", ["model.moe.experts_impl=grouped",
+                                                          "model.moe.expert_hidden=100"])
+    with pytest.raises(ConfigError, match="model.moe.experts_impl=grouped: .*expert_hidden=100"):
+        validate(cfg)
+
+
+def test_reference_grouped_swiglu_gradcheck():
+    torch.manual_seed(0)
+    counts = [2, 0, 3]
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w13 = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: _GroupedSwiGLU.apply(a, b, c, counts), (x, w13, w2))
+
+
+# ------------------------------------------------------- compiled grouped SwiGLU (moe._C, CPU)
+
+HAVE_EXT = ops.extension_available()
+needs_ext = pytest.mark.skipif(
+    not HAVE_EXT, reason="moe._C is not built: run `.venv/bin/pip install --no-build-isolation -e .`")
+COUNTS = [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2], [0, 0, 0, 0],
+          [150, 7, 0, 99]]  # the last: large enough for several threads, pieces split across experts
+TOL = {torch.float64: {}, torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def _weights(counts, d, h, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    E, n = len(counts), sum(counts)
+    x = (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    w13 = (torch.randn(E, 2 * h, d, generator=g, dtype=torch.float64) / d ** 0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(E, d, h, generator=g, dtype=torch.float64) / h ** 0.5).to(dtype).requires_grad_()
+    return x, w13, w2
+
+
+def _fwd_bwd(fn, x, w13, w2, seed=1):
+    out = fn(x, w13, w2)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, (x, w13, w2), g, allow_unused=True)
+    return [out, *(torch.zeros_like(t) if gr is None else gr for t, gr in zip((x, w13, w2), grads))]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+def test_grouped_swiglu_extension_matches_reference(counts, dtype):
+    """ops.grouped_swiglu (compiled) against the reference `_loop`, forward and all three gradients.
+    bf16 (rounded at other places than the reference: the SwiGLU once, in fp32): both against the
+    reference in fp64, the compiled op's error at most twice the bf16 reference's."""
+    d, h = 24, 40  # h = 40: the SwiGLU's vector loop and its tail
+    x, w13, w2 = _weights(counts, d, h, dtype)
+    counts_t = torch.tensor(counts)
+    got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
+    if dtype != torch.bfloat16:
+        for a, b in zip(got, want):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **TOL[dtype])
+        return
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)),
+                     *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
+    for a, b, c in zip(got, want, exact):
+        assert a.dtype == dtype
+        if c.numel():
+            ref_err = (b.double() - c).abs().max().item()
+            assert (a.double() - c).abs().max().item() <= 2 * ref_err + 1e-3
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(counts=st.lists(st.integers(0, 80), min_size=1, max_size=6), d=st.integers(1, 40), h=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), threads=st.integers(1, 3))
+def test_grouped_swiglu_matches_reference_for_any_counts(counts, d, h, dtype, threads):
+    """Any expert counts (empty experts, one expert, a segment split between threads), widths (the
+    fused SwiGLU's vector loop and tail) and thread counts: the compiled op equals the reference
+    loop, forward and all three gradients (bf16: against the fp64 reference, the error norm at most
+    twice the bf16 reference's plus one rounding)."""
+    if dtype == torch.bfloat16:  # bf16 errors compared as norms: tensors large enough for that
+        assume(d >= 8 and h >= 8 and sum(counts) >= 8)
+    x, w13, w2 = _weights(counts, d, h, dtype, seed=len(counts) + d + h)
+    counts_t = torch.tensor(counts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+    finally:
+        torch.set_num_threads(previous)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts_t), x, w13, w2)
+    if dtype != torch.bfloat16:
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+        return
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts_t),
+                     *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
+    # Rounded at other places than the reference (the SwiGLU once, in fp32): compare errors over
+    # whole tensors (norms), which are stable where single elements are not (cancellations)
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, b, c in zip(got, want, exact):
+        if c.numel():
+            ours, ref = (a.double() - c).norm().item(), (b.double() - c).norm().item()
+            assert ours <= 2 * ref + eps * c.norm().item(), (ours, ref)
+
+
+@needs_ext
+def test_compiled_grouped_swiglu_gradcheck():
+    counts = [2, 0, 3]
+    x, w13, w2 = _weights(counts, 4, 3, torch.float64)
+    counts_t = torch.tensor(counts)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), (x, w13, w2))
+
+
+@needs_ext
+def test_grouped_swiglu_extreme_gates():
+    """The fused SwiGLU's exp clamps its input: large |gate| (and inf) still match silu(gate) * up."""
+    counts = [64, 64]
+    x, w13, w2 = _weights(counts, 8, 37, torch.float32, scale=60.0)
+    counts_t = torch.tensor(counts)
+    got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    inf = torch.tensor([[float("inf"), 100.0, -100.0, float("nan"), 1.0, 1.0, 1.0, 1.0]])
+    eye13 = torch.eye(8).unsqueeze(0)  # h = 4: gates are the first 4 inputs, ups the last 4
+    out = ops.grouped_swiglu(inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
+    ref = EXPERT_IMPLS["loop"](inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+@needs_ext
+def test_grouped_swiglu_thread_counts_agree():
+    """Results do not depend on how many threads share the rows (up to GEMM rounding)."""
+    counts = [300, 1, 0, 211, 64]
+    x, w13, w2 = _weights(counts, 64, 96, torch.float32)
+    counts_t = torch.tensor(counts)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_swiglu_cpu_isa_variants_identical(dtype):
+    """The fused SwiGLU of the baseline and AVX2 builds give bitwise identical results."""
+    from tests.helpers import assert_cpu_isa_variants_identical
+
+    counts = [20, 0, 13]
+    x, w13, w2 = _weights(counts, 16, 45, dtype, scale=3.0)
+    counts_t = torch.tensor(counts)
+    assert_cpu_isa_variants_identical(
+        lambda: _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2))
+
+
+@needs_ext
+def test_grouped_swiglu_rejects_bad_counts():
+    x, w13, w2 = _weights([3, 2], 4, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="counts sum to 4"):
+        ops.grouped_swiglu(x, w13, w2, torch.tensor([2, 2]))
+    with pytest.raises(RuntimeError, match="counts must be"):
+        ops.grouped_swiglu(x, w13, w2, torch.tensor([5]))
+
+
+@needs_ext
+def test_grouped_swiglu_opcheck_and_compile():
+    """Schema, fake kernels, autograd registration (opcheck), and a fullgraph torch.compile."""
+    counts = [3, 0, 4]
+    x, w13, w2 = _weights(counts, 6, 5, torch.float32)
+    counts_t = torch.tensor(counts)
+    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu.default, (x, w13, w2, counts_t))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    out, h13, act = torch.ops.moe.grouped_swiglu(x.detach(), w13.detach(), w2.detach(), counts_t)
+    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu_backward.default,
+                                   (torch.randn_like(out), x.detach(), w13.detach(), w2.detach(), counts_t, h13, act))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), fullgraph=True,
+                             backend="aot_eager")
+    for a, b in zip(_fwd_bwd(compiled, x, w13, w2),
+                    _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)):
+        torch.testing.assert_close(a, b)
+
+
+def test_experts_module_picks_backend():
+    """Experts(impl=loop) runs the compiled op with the extension backend on CPU, the reference otherwise;
+    both agree."""
+    torch.manual_seed(0)
+    ref = Experts(4, 8, 6, 0.1, 0.1, impl="loop", backend="reference")
+    x = torch.randn(10, 8)
+    counts = torch.tensor([4, 0, 5, 1])
+    out = ref(x, counts)
+    assert out.grad_fn is not None and "GroupedSwiGLU" in type(out.grad_fn).__name__
+    if HAVE_EXT:
+        ext = Experts(4, 8, 6, 0.1, 0.1, impl="loop", backend="extension")
+        ext.load_state_dict(ref.state_dict())
+        got = ext(x, counts)
+        assert "GroupedSwiGLU" not in type(got.grad_fn).__name__
+        torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
