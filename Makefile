@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test test-fast clean-runs bench
+.PHONY: install quickstart lint test test-fast clean-runs bench
 
 $(STAMP): setup.cfg setup.py pyproject.toml $(wildcard moe/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	bash experiments/quickstart.sh
 
+# the layering contract of moe/ (setup.cfg [importlinter]) and ruff (pyproject.toml), then the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check moe tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+
 # two workers (the machine's two cores); the Slurm tests stay together on one (xdist_group)
-test: $(STAMP)
+test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 test-fast: $(STAMP)

@@ -46,7 +46,8 @@ def read_all(path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    from moe.train.checkpoint.store import check_manifest, verify
+    from moe.train.checkpoint.manifest import check_manifest
+    from moe.train.checkpoint.integrity import verify
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="quickstart,1gb")

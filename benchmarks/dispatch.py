@@ -8,7 +8,7 @@ Implementations compared, all on the same inputs (dropless top-k routing, k dist
 - megatron:   megatron.core.transformer.moe.moe_utils.permute / unpermute (the non-fused PyTorch path),
               routing_map = one-hot bool mask [T, E], probs = gate weights scattered to [T, E];
               its permute time includes turning the routing map into sorted indices, as in megatron;
-- reference:  the pure-PyTorch reference in moe/ops.py;
+- reference:  the pure-PyTorch reference in moe/ops/reference.py;
 - copy:       the machine's copy bandwidth in the same run: a preallocated `dst.copy_(src)` of the size
               of the permuted buffer [T * k, d], counted as read + write (2 * size bytes), timed
               right before every timed op run (best of all). torch's copy uses ordinary stores (each
@@ -152,7 +152,7 @@ def _bench_shape(T, d, E, k, reps, moe_utils):
                 if rnd == 0:
                     thunk()
                 else:
-                    copy_t.append(timed(lambda: dst.copy_(src)))
+                    copy_t.append(timed(lambda: dst.copy_(src)))  # noqa: F821  (pyflakes misreads the del below)
                     times[n].append(timed(thunk))
                 del thunk
         return times

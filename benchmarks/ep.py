@@ -33,8 +33,9 @@ def worker(config: str, overrides, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
 
     from moe import parallel
-    from moe.config import grad_accum_steps, load_config, validate
-    from moe.parallel.expert import ep_metrics
+    from moe.config import grad_accum_steps, load_config
+    from moe.validate import validate
+    from moe.parallel import ep_metrics
     from moe.nn.gpt import GPT
     from moe.routing.balancing import end_optimizer_step
 

@@ -223,7 +223,8 @@ def stage_dispatch(args, device, dtype, state):
 
 def stage_layer(args, device, dtype, state):
     from moe.config import load_config
-    from moe.nn.moe_layer import DenseFFN, MoELayer
+    from moe.nn.ffn import DenseFFN
+    from moe.nn.moe_layer import MoELayer
 
     def moe_layer(*overrides):
         torch.manual_seed(0)

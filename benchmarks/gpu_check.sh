@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check for a lent GPU machine: build the CUDA extension with the machine's own
-# torch, run the op tests on the card (tests/test_ops.py and tests/test_experts.py with
+# torch, run the op tests on the card (tests/unit/ops and tests/unit/nn/test_experts.py with
 # MOE_TEST_DEVICE=cuda), then check and time everything on the card in one go (benchmarks/gpu_check.py).
 # A failing test does not stop the timings, nor a failing stage the next one (a GPU session is short):
 # each stage prints as it ends, the summary comes last, then the tests' summary line; the exit status
@@ -35,7 +35,7 @@ if grep -q "built moe._C (CUDA)" "$log"; then tail -n 2 "$log"; else tail -n 40 
 echo "extension build: $(( $(date +%s) - start )) s (log: $log)"
 $PY -c "from moe import ops; print('dispatch backend:', ops.dispatch_backend('auto'))"
 start=$(date +%s)
-tests=$(MOE_TEST_DEVICE=cuda timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_experts.py \
+tests=$(MOE_TEST_DEVICE=cuda timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/ops tests/unit/nn/test_experts.py \
         2>&1 | tee /dev/stderr | tail -n 1) || true
 echo "op tests on cuda: $(( $(date +%s) - start )) s"
 rc=0

@@ -56,7 +56,8 @@ class SwiGLU(nn.Module):
 
 def build_impls(tokens: int):
     from moe.config import load_config
-    from moe.nn.moe_layer import DenseFFN, MoELayer
+    from moe.nn.ffn import DenseFFN
+    from moe.nn.moe_layer import MoELayer
 
     impls = {}
     impls["dense"] = DenseFFN(D_MODEL, TOP_K * HIDDEN, 0.02, 0.02)
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
         # a dense gradient, as a layer inside a network receives (not the stride-0 ones of .sum().backward())
         grad_out = torch.randn(1, T, D_MODEL)
         times = {name: [] for name in impls}
-        for name, mod in impls.items():  # warmup
+        for mod in impls.values():  # warmup
             for _ in range(2):
                 run_once(mod, x, grad_out)
         for _ in range(args.reps):

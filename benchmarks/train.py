@@ -27,8 +27,10 @@ from benchmarks import quartiles
 
 def build(cfg_path: str, overrides, dist_info):
     from moe import parallel
-    from moe.config import load_config, validate
-    from moe.nn.gpt import GPT, count_params
+    from moe.config import load_config
+    from moe.validate import validate
+    from moe.nn.accounting import count_params
+    from moe.nn.gpt import GPT
 
     cfg = load_config(cfg_path, list(overrides))
     validate(cfg)
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     tokens = B * S
     result = {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "steps": args.steps,
               "freed_memory_reused": reused, "compiled": bool(cfg.train.compile)}
-    for name, (c, _, params) in runs.items():
+    for name, (_, _, params) in runs.items():
         med = statistics.median(times[name])
         result[name] = {"config": getattr(args, name), "tokens_per_s": tokens / med, "step_ms": 1e3 * med, **params}
     result["moe_over_dense"] = result["moe"]["tokens_per_s"] / result["dense"]["tokens_per_s"]

@@ -2,13 +2,21 @@
 
 `atomic_write` writes to a temporary name beside the target, fsyncs it, renames it over the target
 and fsyncs the folder, so after a crash (or a power loss) the target holds either the old or the new
-contents. `redact` replaces the values of environment variables named like a secret.
+contents. `redact` replaces the values of environment variables named like a secret. `RunFolder`
+names the files of a run folder, the one place their names are spelled.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import socket
+import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
+
+from moe.errors import RunFolderBusy
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|PRIVATE", re.IGNORECASE)
 REDACTED = "<redacted>"
@@ -74,6 +82,38 @@ def atomic_write(path: str, data: Union[str, bytes], mode: Optional[int] = None,
     fsync_dir(folder)
 
 
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of one run folder, `<run.root>/<run.name>/`. Their names are part of the on-disk
+    format (`moe compare`, `moe report`, resuming and the launcher read them), spelled only here."""
+
+    path: str
+
+    @classmethod
+    def of(cls, run_root: str, name: str) -> "RunFolder":
+        return cls(os.path.join(run_root, name))
+
+    @property
+    def config(self) -> str:
+        """config.yaml: the resolved config the run trains with (secrets redacted)."""
+        return os.path.join(self.path, "config.yaml")
+
+    @property
+    def metrics(self) -> str:
+        """metrics.jsonl: one JSON record per logged step or evaluation."""
+        return os.path.join(self.path, "metrics.jsonl")
+
+    @property
+    def summary(self) -> str:
+        """summary.json: status (running, finished, preempted, failed), sizes and final losses."""
+        return os.path.join(self.path, "summary.json")
+
+    @property
+    def checkpoints(self) -> str:
+        """checkpoints/: one folder per saved step and the `latest` pointer."""
+        return os.path.join(self.path, "checkpoints")
+
+
 class RunLock:
     """An OS-level lock on one run folder, so one process tree at a time trains in it. The kernel
     releases it when the holder dies (flock), so a killed run never leaves a stale lock. The lock file
@@ -86,13 +126,6 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
-        import fcntl
-        import json
-        import socket
-        import time
-
-        from moe.errors import RunFolderBusy
-
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from moe.config import load_config
+from moe.config import DataConfig, load_config
+from moe.data import ByteTokenizer, Tokenizer, TokenDataset, prepare_data, tokenize_file_for_eval
+from moe.errors import DataError, MoeError
 from moe.metrics import training_env
 from moe.nn.moe_layer import MoELayer
 from moe.routing import build_router
@@ -254,3 +257,205 @@ def read_offline_run(run_dir):
         elif kind == "history":
             out["history_keys"] |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
     return out
+
+
+# ---- a tiny GPT
+def tiny_gpt_config(*overrides):
+    """A 2-layer GPT config (d_model 32, 2 heads, vocabulary 97, sequences up to 32, FFN 64) + `overrides`."""
+    return load_config(None, ["model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                              "model.max_seq_len=32", "model.ffn_hidden=64", *overrides])
+
+
+# ---- synthetic run and sweep folders (`moe compare`, `moe report`; no training)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root, dirname, *, name=None, model_type="dense", steps=40, tokens_per_step=4096,
+              flops_per_token=6e8, eval_every=10, moe_layers=(), num_experts=4, loss0=6.0,
+              summary=True, summary_drop=(), summary_extra=None, truncate_last=False):
+    """A run folder like the trainer writes under pathlib `root`: summary.json + metrics.jsonl (+ config.yaml)."""
+    import math
+    import zlib
+
+    import numpy as np
+
+    d = root / dirname
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text("model:\n  n_layers: 4\n")
+    rng = np.random.default_rng(zlib.crc32(dirname.encode()))
+    lines = []
+    for step in range(1, steps + 1):
+        tokens = step * tokens_per_step
+        flops = tokens * flops_per_token
+        loss = loss0 * math.exp(-step / steps) + 0.05 * rng.standard_normal()
+        line = {"step": step, "tokens": tokens, "flops": flops, "loss/train": loss, "lr": 1e-3, "grad_norm": 1.0,
+                "speed/tokens_per_s": 50_000 + 100 * step, "speed/mfu": 0.4}
+        for layer in moe_layers:
+            load = rng.dirichlet(np.ones(num_experts) * 5).tolist()
+            line[f"router/layer{layer}/load"] = load
+            line[f"router/layer{layer}/max_over_mean"] = max(load) * num_experts
+            line[f"router/layer{layer}/dropped_frac"] = 0.0
+            line[f"router/layer{layer}/entropy"] = 1.3
+            line[f"router/layer{layer}/aux_loss"] = 0.01
+            line[f"router/layer{layer}/z_loss"] = 0.001
+        lines.append(json.dumps(line))
+        if step % eval_every == 0:
+            val = loss0 * math.exp(-step / steps) + 0.1
+            lines.append(json.dumps({"step": step, "tokens": tokens, "flops": flops, "loss/val": val,
+                                     "ppl/val": math.exp(val)}))
+    text = "\n".join(lines) + "\n"
+    if truncate_last:
+        text += json.dumps({"step": steps + 1, "tokens": 1, "flops": 1.0, "loss/train": 1.0})[:17]
+    (d / "metrics.jsonl").write_text(text)
+    final_val = loss0 * math.exp(-1) + 0.1
+    info = {"name": name or dirname, "model_type": model_type, "train_loss": 2.3456,
+            "val_loss": round(final_val, 4), "val_ppl": round(math.exp(final_val), 2),
+            "tokens": steps * tokens_per_step, "steps": steps, "params_total": 123_456_789,
+            "params_active": 45_600_000 if model_type == "moe" else 123_456_789,
+            "flops_per_token": flops_per_token, "tokens_per_s": 51_234.0, "wall_s": 3725.0, "status": "finished"}
+    info.update(summary_extra or {})
+    for key in summary_drop:
+        info.pop(key, None)
+    if summary:
+        (d / "summary.json").write_text(json.dumps(info))
+    return d
+
+
+def write_sweep(root, name, entries, swept_keys):
+    """A sweep folder `root/name` with its sweep.json; `entries` are (run name, values, manifest status or None),
+    the run folders are left to the caller (write_run into the returned folder)."""
+    d = root / name
+    d.mkdir(parents=True)
+    runs = [{"name": n, "values": v, **({"status": s} if s else {})} for n, v, s in entries]
+    (d / "sweep.json").write_text(json.dumps({"name": name, "swept_keys": list(swept_keys), "runs": runs}))
+    return d
+
+
+def table_rows(md: str) -> dict:
+    """{first cell: {header: cell}} of the first markdown table in md, plus "__header__": [headers]."""
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    out = {"__header__": header}
+    for r in rows[1:]:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header, cells))
+    return out
+
+
+def assert_png(path, min_bytes=5_000):
+    """`path` is a PNG file of a plausible size for a figure."""
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC, path
+    assert min_bytes < len(data) < 1_000_000, (path, len(data))
+
+
+# ---- data: small corpora, token streams, one-line DataErrors
+
+DOC_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+             "tau upsilon phi chi psi omega naïve café über straße 東京 😀").split()
+
+
+def make_doc(i: int, n_words: int = 60) -> str:
+    """Document i: a title line, then lines of words (some multi-byte) drawn with seed i."""
+    rng = np.random.default_rng(i)
+    lines = [" ".join(rng.choice(DOC_WORDS, size=10)) for _ in range(n_words // 10)]
+    return f"document {i}\n" + "\n".join(lines) + "\n"
+
+
+def write_text_folder(folder, n_docs: int = 40) -> dict:
+    """n_docs `make_doc` files (doc000.txt, ...) plus one file of an unsupported type; {name: text}."""
+    os.makedirs(folder, exist_ok=True)
+    docs = {}
+    for i in range(n_docs):
+        docs[f"doc{i:03d}.txt"] = make_doc(i)
+        with open(os.path.join(folder, f"doc{i:03d}.txt"), "w", encoding="utf-8") as f:
+            f.write(docs[f"doc{i:03d}.txt"])
+    with open(os.path.join(folder, "ignored.bin"), "wb") as f:  # unsupported extension: skipped
+        f.write(b"\x00\x01 not text")
+    return docs
+
+
+def prepare_text_folder(root):
+    """(cfg, docs, TokenData) of a 40-document text folder under root, split at val_fraction 0.2."""
+    docs = write_text_folder(root / "docs")
+    cfg = DataConfig(dataset=str(root / "docs"), cache_dir=str(root / "cache"), val_fraction=0.2)
+    return cfg, docs, prepare_data(cfg)
+
+
+def split_docs(ds: TokenDataset, tok: Tokenizer) -> list:
+    """The documents of a token stream (each ends with EOS)."""
+    ids = np.asarray(ds.tokens, dtype=np.int64)
+    ends = np.flatnonzero(ids == tok.eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tok.decode(ids[s:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def pattern_dataset(tmp_path, n_bytes: int) -> TokenDataset:
+    """A byte-tokenized dataset whose token k is 33 + k % 90 (known, so windows can be checked)."""
+    path = tmp_path / "pattern.txt"
+    path.write_bytes(bytes(33 + k % 90 for k in range(n_bytes)))
+    return tokenize_file_for_eval(str(path), ByteTokenizer(), str(tmp_path / "cache"))
+
+
+def text_of(i: int) -> str:
+    """A one-line document i of 40 words."""
+    return f"document {i}: " + " ".join(f"word{(i * 7 + k) % 31}" for k in range(40)) + "\n"
+
+
+def write_jsonl(path, rows) -> str:
+    """A JSON lines file of `rows` (dicts; a str row is written as is, to plant a bad line)."""
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def data_cfg(tmp_path, dataset, **kw) -> DataConfig:
+    """A DataConfig for `dataset` with its cache in tmp_path/cache."""
+    return DataConfig(dataset=str(dataset), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def prepare_fails(cfg: DataConfig, *patterns: str) -> DataError:
+    """prepare_data raises a one-line DataError matching every pattern, and writes nothing."""
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg, is_writer=True)
+    message = str(info.value)
+    assert isinstance(info.value, MoeError) and "\n" not in message
+    for pattern in patterns:
+        assert pattern in message, (pattern, message)
+    assert not os.path.exists(cfg.cache_dir), os.listdir(cfg.cache_dir)
+    return info.value
+
+
+# ---- config property tests (tests/unit/config)
+def listing(folder):
+    """Every file and folder under `folder` (a new empty folder counts too)."""
+    return sorted(os.path.relpath(os.path.join(d, name), folder)
+                  for d, dirs, files in os.walk(folder) for name in dirs + files)
+
+
+def assert_refused_well(exc, names, secret):
+    """One line that names one of `names` (what is at fault) and holds no planted `secret`."""
+    message = str(exc)
+    assert "\n" not in message, message
+    assert any(n in message for n in names), message
+    assert secret not in message, message
+
+
+def check_forward(cfg):
+    """A tiny accepted config builds a model whose loss and aux loss are finite on a tiny batch."""
+    import dataclasses
+
+    from moe.nn.gpt import GPT
+
+    m = cfg.model
+    tiny = (m.d_model <= 128 and m.n_layers <= 4 and m.max_seq_len <= 4096 and m.vocab_size <= 4096
+            and m.moe.num_experts <= 16 and m.ffn_hidden <= 1024 and m.moe.expert_hidden <= 1024
+            and m.moe.num_shared_experts <= 4)
+    if not tiny:
+        return
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(m, vocab_size=m.vocab_size or 257))
+    x = torch.randint(0, model.cfg.vocab_size, (2, min(8, m.max_seq_len)))
+    out = model(x, x)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.aux_loss), (out.loss, out.aux_loss)

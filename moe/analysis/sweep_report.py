@@ -3,6 +3,9 @@
 Accepts sweep folders (holding sweep.json, written by `moe sweep`) and plain run folders (each its
 own group). Writes report.md, report.json and PNG plots. Failed or unfinished runs appear in the
 report as such, never silently dropped.
+
+Public API: :func:`build_report`, and the steps it is made of: :func:`collect` (the runs, grouped)
+and :func:`summarise` (one report row per group); :class:`Group`, :class:`Member`.
 """
 from __future__ import annotations
 
@@ -14,7 +17,25 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from moe.analysis import compare as rp
+from moe.analysis import plots
+from moe.analysis.runs import SWEEP_FILE, ReportError, RunRecord, load_run
+from moe.analysis.tables import fmt_fixed, format_value, markdown_table
+from moe.analysis.wandb_summary import log_report
+
+__all__ = ["Member", "Group", "collect", "summarise", "build_report"]
+
+MARKDOWN_FILE = "report.md"
+JSON_FILE = "report.json"
+SEED_KEY = "run.seed"  # averaged over, never a group key
+
+# The per-group curves: file name -> (kind of line, key, x, y label, title, log x).
+_CURVES = {
+    plots.VAL_LOSS_VS_TOKENS: ("eval", "loss/val", "tokens", "val loss", "validation loss vs tokens", False),
+    plots.VAL_LOSS_VS_FLOPS: ("eval", "loss/val", "flops", "val loss", "validation loss vs training FLOPs", True),
+    plots.TOKENS_PER_S: ("train", "speed/tokens_per_s", "tokens", "tokens/s", "throughput", False),
+}
+_TABLE_HEAD = ["variant", "seeds", "val loss (mean ± std)", "train loss", "params active", "params total",
+               "tokens", "tokens/s", "load max/mean", "dropped"]
 
 
 @dataclass
@@ -23,7 +44,7 @@ class Member:
     path: str
     values: Dict[str, Any]
     status: str
-    record: Optional[rp.RunRecord] = None
+    record: Optional[RunRecord] = None
 
 
 @dataclass
@@ -36,9 +57,63 @@ class Group:
     def finished(self) -> List[Member]:
         return [m for m in self.members if m.status == "finished" and m.record is not None]
 
+    def finished_records(self) -> List[RunRecord]:
+        return [m.record for m in self.finished]
+
+
+def build_report(dirs: List[str], out_dir: str, wandb_summary: bool = False) -> str:
+    """Write report.md, report.json and the plots of the runs in ``dirs`` into ``out_dir``; with
+    ``wandb_summary``, also log them to a W&B summary run. Returns report.md's text. Raises
+    :class:`ReportError` naming a folder that is neither a sweep nor a run folder."""
+    groups, swept = collect(dirs)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [summarise(g) for g in groups]
+    _write_plots(groups, rows, swept, out_dir)
+    text = _markdown(dirs, rows, _png_files(out_dir))
+    _write_report_files(out_dir, text, rows)
+    if wandb_summary:
+        log_report(rows, out_dir, _wandb_group(dirs, out_dir))
+    return text
+
+
+# --------------------------------------------------------------------------------- reading the runs
+
 
 def _label(values: Dict[str, Any]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items()) or "base"
+
+
+def _read_manifest(sweep_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
+        return json.load(f)
+
+
+def _sweep_member(sweep_dir: str, entry: Dict[str, Any]) -> Member:
+    """One run of a sweep.json: its status as the manifest has it, unless the run folder says it
+    finished (or the manifest says it never ran); no record when its folder cannot be read."""
+    path = os.path.join(sweep_dir, entry["name"])
+    status = entry.get("status") or "not run"
+    record = None
+    if os.path.isdir(path):
+        try:
+            record = load_run(path)
+            if status == "not run" or record.status == "finished":
+                status = record.status or status
+        except ReportError:
+            record = None
+    return Member(entry["name"], path, entry["values"], status, record)
+
+
+def _collect_sweep(sweep_dir: str, groups: Dict[str, Group], swept: List[str]) -> None:
+    spec = _read_manifest(sweep_dir)
+    for k in spec.get("swept_keys", []):
+        if k != SEED_KEY and k not in swept:
+            swept.append(k)
+    for entry in spec["runs"]:
+        values = {k: v for k, v in entry["values"].items() if k != SEED_KEY}
+        label = _label(values)
+        group = groups.setdefault(label, Group(label, values))
+        group.members.append(_sweep_member(sweep_dir, entry))
 
 
 def collect(dirs: List[str]) -> Tuple[List[Group], List[str]]:
@@ -46,46 +121,19 @@ def collect(dirs: List[str]) -> Tuple[List[Group], List[str]]:
     groups: Dict[str, Group] = {}
     swept: List[str] = []
     for d in dirs:
-        manifest = os.path.join(d, "sweep.json")
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                spec = json.load(f)
-            for k in spec.get("swept_keys", []):
-                if k != "run.seed" and k not in swept:
-                    swept.append(k)
-            for entry in spec["runs"]:
-                path = os.path.join(d, entry["name"])
-                values = {k: v for k, v in entry["values"].items() if k != "run.seed"}
-                status = entry.get("status") or "not run"
-                record = None
-                if os.path.isdir(path):
-                    try:
-                        record = rp.load_run(path)
-                        if status == "not run" or record.status == "finished":
-                            status = record.status or status
-                    except rp.ReportError:
-                        record = None
-                label = _label(values)
-                group = groups.setdefault(label, Group(label, values))
-                group.members.append(Member(entry["name"], path, entry["values"], status, record))
+        if os.path.isfile(os.path.join(d, SWEEP_FILE)):
+            _collect_sweep(d, groups, swept)
         else:
-            record = rp.load_run(d)  # raises ReportError naming a folder that is not a run
+            record = load_run(d)  # raises ReportError naming a folder that is not a run
             label = record.name
             group = groups.setdefault(label, Group(label, {}))
             group.members.append(Member(record.name, d, {}, record.status or "unknown", record))
     if not groups:
-        raise rp.ReportError("no runs found in " + ", ".join(dirs))
+        raise ReportError("no runs found in " + ", ".join(dirs))
     return list(groups.values()), swept
 
 
-def _last(record: rp.RunRecord, key_suffix: str) -> Optional[float]:
-    """Mean over MoE layers of the last logged router statistic ending in key_suffix."""
-    for line in reversed(record.train):
-        vals = [v for k, v in line.items() if k.startswith("router/") and k.endswith(key_suffix)
-                and isinstance(v, (int, float))]
-        if vals:
-            return float(np.mean(vals))
-    return None
+# -------------------------------------------------------------------------------- one row per group
 
 
 def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
@@ -96,7 +144,9 @@ def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[
 
 
 def summarise(group: Group) -> Dict[str, Any]:
-    recs = [m.record for m in group.finished]
+    """The report row of a group: means (and sample std) over its finished runs, the run-size
+    numbers of its first finished run, and the (name, status) of its runs that did not finish."""
+    recs = group.finished_records()
     row: Dict[str, Any] = {"variant": group.label, **group.values, "runs": len(group.members),
                            "finished": len(recs)}
     for key in ("val_loss", "train_loss", "tokens_per_s"):
@@ -105,166 +155,82 @@ def summarise(group: Group) -> Dict[str, Any]:
     for key in ("params_total", "params_active", "flops_per_token", "tokens"):
         vals = [r.stats.get(key) for r in recs if r.stats.get(key) is not None]
         row[key] = vals[0] if vals else None
-    row["load_max_over_mean"] = _mean_std([_last(r, "/max_over_mean") for r in recs])[0]
-    row["dropped_frac"] = _mean_std([_last(r, "/dropped_frac") for r in recs])[0]
+    row["load_max_over_mean"] = _mean_std([r.last_router_mean("/max_over_mean") for r in recs])[0]
+    row["dropped_frac"] = _mean_std([r.last_router_mean("/dropped_frac") for r in recs])[0]
     row["failed"] = [(m.name, m.status) for m in group.members if m.status != "finished"]
     return row
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+# ------------------------------------------------------------------------------------------- plots
 
 
-def _mean_curve(recs: List[rp.RunRecord], kind: str, key: str, x: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    curves = [r.series(kind, key, x) for r in recs]
-    curves = [c for c in curves if len(c[0])]
-    if not curves:
-        return np.array([]), np.array([]), np.array([])
-    n = min(len(c[0]) for c in curves)  # seeds share eval points; cut to the shortest
-    xs = curves[0][0][:n]
-    ys = np.stack([c[1][:n] for c in curves])
-    return xs, ys.mean(0), ys.std(0)
-
-
-def _plot_curves(groups, colors, path, kind, key, x, ylabel, title, logx=False):
-    fig = rp._new_figure()
-    ax = fig.add_subplot()
-    for g, color in zip(groups, colors):
-        xs, mean, std = _mean_curve([m.record for m in g.finished], kind, key, x)
-        if not len(xs):
-            continue
-        ax.plot(xs, mean, marker="o" if kind == "eval" else None, ms=3, color=color, label=g.label)
-        if len(g.finished) > 1:
-            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15)
-    ax.set_xlabel("training FLOPs" if x == "flops" else "tokens")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if logx:
-        ax.set_xscale("log")
-    else:
-        rp._human_axis(ax.xaxis)
-    ax.grid(alpha=0.3)
-    rp._legend(ax)
-    rp._save(fig, path)
-
-
-def _plot_by_value(rows, key, path):
-    fig = rp._new_figure((6.5, 4.2))
-    ax = fig.add_subplot()
-    others = [k for k in rows[0] if k not in (key,)]
-    labels = [str(r.get(key)) for r in rows]
-    order = sorted(set(labels), key=labels.index)
-    xs = [order.index(l) for l in labels]
-    ys = [r["val_loss"] if r["val_loss"] is not None else math.nan for r in rows]
-    errs = [r["val_loss_std"] or 0.0 for r in rows]
-    ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=3)
-    for x, y, r in zip(xs, ys, rows):
-        ax.annotate(r["variant"], (x, y), fontsize=6, alpha=0.7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xticks(range(len(order)), order)
-    ax.set_xlabel(key)
-    ax.set_ylabel("final val loss (mean ± std over seeds)")
-    ax.set_title(f"final val loss by {key.split('.')[-1]}")
-    ax.grid(alpha=0.3)
-    rp._save(fig, path)
-    del others
-
-
-def build_report(dirs: List[str], out_dir: str, wandb_summary: bool = False) -> str:
-    groups, swept = collect(dirs)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = [summarise(g) for g in groups]
-    colors = rp._colors(len(groups))
-    plots = {
-        "val_loss_vs_tokens.png": ("eval", "loss/val", "tokens", "val loss", "validation loss vs tokens", False),
-        "val_loss_vs_flops.png": ("eval", "loss/val", "flops", "val loss", "validation loss vs training FLOPs", True),
-        "tokens_per_s.png": ("train", "speed/tokens_per_s", "tokens", "tokens/s", "throughput", False),
-    }
-    for fname, (kind, key, x, ylabel, title, logx) in plots.items():
-        _plot_curves(groups, colors, os.path.join(out_dir, fname), kind, key, x, ylabel, title, logx)
-    _plot_balance(groups, colors, os.path.join(out_dir, "load_balance.png"))
+def _write_plots(groups: List[Group], rows: List[Dict[str, Any]], swept: List[str], out_dir: str) -> None:
+    line_colors = plots.colors(len(groups))
+    curves = [(g.label, g.finished_records()) for g in groups]
+    for fname, (kind, key, x, ylabel, title, logx) in _CURVES.items():
+        plots.plot_group_curves(curves, line_colors, os.path.join(out_dir, fname), kind, key, x, ylabel,
+                                title, logx)
+    plots.plot_load_balance(curves, line_colors, os.path.join(out_dir, plots.LOAD_BALANCE_FILE))
     for key in swept:
         if any(key in r for r in rows):
-            _plot_by_value(rows, key, os.path.join(out_dir, f"final_val_loss_by_{key.split('.')[-1]}.png"))
+            fname = f"final_val_loss_by_{key.split('.')[-1]}.png"
+            plots.plot_final_val_loss_by(rows, key, os.path.join(out_dir, fname))
+    # expert load of each MoE variant's first finished run
     moe_runs = [(g.label, g.finished[0].record, g.finished[0].record.moe_layers())
                 for g in groups if g.finished and g.finished[0].record.moe_layers()]
     if moe_runs:
-        rp._plot_expert_load(moe_runs, os.path.join(out_dir, "expert_load.png"))
+        plots.plot_expert_load(moe_runs, os.path.join(out_dir, plots.EXPERT_LOAD_FILE))
 
+
+def _png_files(out_dir: str) -> List[str]:
+    return sorted(f for f in os.listdir(out_dir) if f.endswith(".png"))
+
+
+# ---------------------------------------------------------------------------------------- markdown
+
+
+def _table_row(r: Dict[str, Any], best: Optional[float]) -> List[str]:
+    val = f"{fmt_fixed(r['val_loss'])} ± {fmt_fixed(r['val_loss_std'])}" if r["val_loss"] is not None else "-"
+    if best is not None and r["val_loss"] == best:
+        val = f"**{val}**"
+    return [r["variant"].replace("|", "\\|"), f"{r['finished']}/{r['runs']}", val, fmt_fixed(r["train_loss"]),
+            format_value(r["params_active"], "count"), format_value(r["params_total"], "count"),
+            format_value(r["tokens"], "count"), format_value(r["tokens_per_s"], "count"),
+            fmt_fixed(r["load_max_over_mean"], 2), fmt_fixed(r["dropped_frac"], 3)]
+
+
+def _failed_section(rows: List[Dict[str, Any]]) -> List[str]:
+    failed = [(r["variant"], n, status) for r in rows for n, status in r["failed"]]
+    if not failed:
+        return []
+    lines = ["## Failed or unfinished runs", ""]
+    for variant, name, status in failed:
+        lines.append(f"- `{name}` ({variant}): {status}; its log is in the sweep folder (`{name}.log`, or "
+                     f"`logs/slurm-<job>_<task>.out` for a Slurm array, job and task in {SWEEP_FILE})")
+    return lines + [""]
+
+
+def _markdown(dirs: List[str], rows: List[Dict[str, Any]], png_files: List[str]) -> str:
     best = min((r["val_loss"] for r in rows if r["val_loss"] is not None), default=None)
     lines = ["# Sweep report", "", "Sources: " + ", ".join(f"`{d}`" for d in dirs), ""]
-    head = ["variant", "seeds", "val loss (mean ± std)", "train loss", "params active", "params total",
-            "tokens", "tokens/s", "load max/mean", "dropped"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        val = f"{_fmt(r['val_loss'])} ± {_fmt(r['val_loss_std'])}" if r["val_loss"] is not None else "-"
-        if best is not None and r["val_loss"] == best:
-            val = f"**{val}**"
-        lines.append("| " + " | ".join([
-            r["variant"].replace("|", "\\|"), f"{r['finished']}/{r['runs']}", val, _fmt(r["train_loss"]),
-            rp._format(r["params_active"], "count"), rp._format(r["params_total"], "count"),
-            rp._format(r["tokens"], "count"), rp._format(r["tokens_per_s"], "count"),
-            _fmt(r["load_max_over_mean"], 2), _fmt(r["dropped_frac"], 3)]) + " |")
-    failed = [(r["variant"], n, status) for r in rows for n, status in r["failed"]]
-    lines += [""]
-    if failed:
-        lines += ["## Failed or unfinished runs", ""]
-        for variant, name, status in failed:
-            lines.append(f"- `{name}` ({variant}): {status}; its log is in the sweep folder (`{name}.log`, or "
-                         f"`logs/slurm-<job>_<task>.out` for a Slurm array, job and task in sweep.json)")
-        lines += [""]
+    lines += [markdown_table(_TABLE_HEAD, [_table_row(r, best) for r in rows]), ""]
+    lines += _failed_section(rows)
     lines += ["Seeds are averaged per variant; ± is the sample standard deviation over seeds "
               "(0 with one seed). Load max/mean and dropped fraction are the last logged values, "
               "averaged over MoE layers and seeds.", "", "## Plots", ""]
-    for fname in sorted(f for f in os.listdir(out_dir) if f.endswith(".png")):
+    for fname in png_files:
         lines += [f"### {fname[:-4].replace('_', ' ')}", "", f"![{fname}]({fname})", ""]
-    text = "\n".join(lines)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    return "\n".join(lines)
+
+
+def _write_report_files(out_dir: str, text: str, rows: List[Dict[str, Any]]) -> None:
+    with open(os.path.join(out_dir, MARKDOWN_FILE), "w") as f:
         f.write(text)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with open(os.path.join(out_dir, JSON_FILE), "w") as f:
         json.dump(rows, f, indent=2, default=str)
-    if wandb_summary:
-        sweep_names = [json.load(open(os.path.join(d, "sweep.json")))["name"] for d in dirs
-                       if os.path.isfile(os.path.join(d, "sweep.json"))]
-        _log_to_wandb(rows, out_dir, sweep_names[0] if sweep_names else os.path.basename(os.path.normpath(out_dir)))
-    return text
 
 
-def _plot_balance(groups, colors, path):
-    fig = rp._new_figure()
-    ax = fig.add_subplot()
-    for g, color in zip(groups, colors):
-        for i, m in enumerate(g.finished):
-            xs, ys = [], []
-            for line in m.record.train:
-                vals = [v for k, v in line.items() if k.startswith("router/") and k.endswith("/max_over_mean")]
-                if vals and line.get("tokens") is not None:
-                    xs.append(line["tokens"])
-                    ys.append(float(np.mean(vals)))
-            if xs:
-                ax.plot(xs, ys, color=color, alpha=0.9 if i == 0 else 0.4, label=g.label if i == 0 else None)
-    ax.axhline(1.0, color="0.5", ls=":", lw=1)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("expert load max/mean (mean over MoE layers)")
-    ax.set_title("load balance over training (1 = perfectly balanced)")
-    rp._human_axis(ax.xaxis)
-    ax.grid(alpha=0.3)
-    rp._legend(ax)
-    rp._save(fig, path)
-
-
-def _log_to_wandb(rows: List[Dict[str, Any]], out_dir: str, group: str) -> None:
-    """Log the table and plots to a summary run in the sweep's W&B group (offline unless WANDB_MODE)."""
-    import wandb
-
-    run = wandb.init(project="moe", group=group, job_type="report", name=f"{group}-report", dir=out_dir,
-                     mode=os.environ.get("WANDB_MODE", "offline"))
-    cols = ["variant", "finished", "val_loss", "val_loss_std", "tokens_per_s", "load_max_over_mean"]
-    run.log({"report/table": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
-    for fname in sorted(os.listdir(out_dir)):
-        if fname.endswith(".png"):
-            run.log({f"report/{fname[:-4]}": wandb.Image(os.path.join(out_dir, fname))})
-    run.finish()
+def _wandb_group(dirs: List[str], out_dir: str) -> str:
+    """The W&B group of the summary run: the first sweep's name, else the output folder's name."""
+    sweep_names = [_read_manifest(d)["name"] for d in dirs if os.path.isfile(os.path.join(d, SWEEP_FILE))]
+    return sweep_names[0] if sweep_names else os.path.basename(os.path.normpath(out_dir))

@@ -1,5 +1,5 @@
 // Token-dispatch ops of moe._C: declarations shared by the CPU kernels, the op registration and the
-// CUDA binding. The semantics are those of the PyTorch reference in moe/ops.py.
+// CUDA binding. The semantics are those of the PyTorch reference in moe/ops/reference.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& dest_rows,
                                                           const at::Tensor& gate_weights);
 
-// ---- grouped expert SwiGLU (experts_cpu.cpp; semantics: moe/experts.py `_GroupedSwiGLU`)
+// ---- grouped expert SwiGLU (experts_cpu.cpp; semantics: moe/nn/experts.py `_GroupedSwiGLU`)
 
 // x [N, d] expert-sorted rows (counts [E] int, summing to N), w13 [E, 2h, d], w2 [E, d, h] ->
 // (out [N, d], h13 [N, 2h], act [N, h]); h13 and act are what the backward needs.

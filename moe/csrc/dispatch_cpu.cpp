@@ -1,4 +1,4 @@
-// CPU kernels of the token-dispatch ops (see dispatch.h and moe/ops.py for the semantics).
+// CPU kernels of the token-dispatch ops (see dispatch.h and moe/ops/reference.py for the semantics).
 //
 // - routing_index: parallel counting sort of the (token, slot) pairs by expert: per-chunk
 //   histograms -> per-(chunk, expert) rank bases -> each chunk places its pairs. Stable by

@@ -1,7 +1,7 @@
 // CUDA kernels of the token-dispatch ops, with the thin launcher API of dispatch_kernels.h.
 //
 // Includes only CUDA headers (no torch), so `nvcc -arch=sm_90 -c dispatch_kernels.cu` builds it
-// anywhere; tests/test_ops.py does exactly that. The torch binding is dispatch_cuda.cpp.
+// anywhere; tests/unit/ops/test_extension.py does exactly that. The torch binding is dispatch_cuda.cpp.
 //
 // - routing index: stable counting sort. hist_kernel (per-chunk histograms in shared memory) ->
 //   scan_chunks_kernel (per-expert exclusive scan over chunks: base rank of each chunk) ->

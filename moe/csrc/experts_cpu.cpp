@@ -1,5 +1,5 @@
-// CPU kernels of the grouped expert SwiGLU ops (see dispatch.h and moe/ops.py for the semantics; the
-// PyTorch reference is moe/experts.py `_GroupedSwiGLU`).
+// CPU kernels of the grouped expert SwiGLU ops (see dispatch.h and moe/ops/reference.py for the semantics; the
+// PyTorch reference is moe/nn/experts.py `_GroupedSwiGLU`).
 //
 // E SwiGLU FFNs over the expert-sorted rows x [N, d] (segment e = counts[e] consecutive rows):
 //   h13 = x_e @ w13[e]^T,  act = silu(h13[:, :h]) * h13[:, h:],  out = act @ w2[e]^T.

@@ -1,7 +1,7 @@
 // Operator schemas (namespace `moe`), CPU kernels, and the `moe._C` Python module.
 //
 // The ops are registered with the dispatcher (TORCH_LIBRARY_FRAGMENT), so they are reachable as
-// torch.ops.moe.* once `moe._C` is imported; moe/ops.py adds the fake (meta) kernels and the
+// torch.ops.moe.* once `moe._C` is imported; moe/ops/extension.py adds the fake (meta) kernels and the
 // autograd formulas with torch.library.register_fake / register_autograd. The CUDA kernels are
 // registered by dispatch_cuda.cpp, which is only compiled when torch has CUDA.
 //
@@ -73,7 +73,7 @@ static PyMethodDef moe_methods[] = {
 
 static struct PyModuleDef moe_module = {
     PyModuleDef_HEAD_INIT, "_C",
-    "Compiled token-dispatch ops; importing registers torch.ops.moe.* (see moe/ops.py).", -1, moe_methods,
+    "Compiled token-dispatch ops; importing registers torch.ops.moe.* (see moe/ops/extension.py).", -1, moe_methods,
     nullptr, nullptr, nullptr, nullptr,
 };
 

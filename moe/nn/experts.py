@@ -1,9 +1,16 @@
-"""Expert weights and the grouped expert computation.
+"""Expert weights and the grouped expert computation: a registry of expert backends.
 
 All experts of a layer are stored stacked: `w13 [E, 2h, d]` (gate and up projections fused, the same
 layout as an nn.Linear weight) and `w2 [E, d, h]`. Rows arrive already sorted by expert, with
-`tokens_per_expert` giving the segment lengths. How the E small GEMMs run is a backend chosen by name:
+`tokens_per_expert` giving the segment lengths. How the E small GEMMs run is a backend, chosen by
+name (`model.moe.experts_impl`) from EXPERT_IMPLS, name -> class. Every backend is a stateless
+ExpertBackend subclass with the same two static methods:
 
+- `forward(x [N, d], w13, w2, counts [E] tensor, dispatch="reference") -> [N, d]`, differentiable;
+  `dispatch` is the layer's dispatch backend (moe.ops), which `loop` uses on CPU;
+- `shape_error(d_model, hidden, dtype) -> Optional[str]`: why it cannot run such experts (None: it can).
+
+The backends:
 - `loop`: one GEMM per non-empty expert over its contiguous slice (best on CPU, no padding). With the
   extension backend on CPU it runs as one compiled op (`moe.ops.grouped_swiglu`, moe/csrc/experts_cpu.cpp:
   every thread runs single-threaded GEMMs on an equal share of rows, and a fused SwiGLU); the Python
@@ -17,22 +24,21 @@ layout as an nn.Linear weight) and `w2 [E, d, h]`. Rows arrive already sorted by
 Every backend takes the counts as a tensor; those that need them on the host (`loop`, `padded`) read
 them there. torch._grouped_mm is not an autocast op (pytorch#174763), so under autocast `grouped`
 casts its operands to the autocast dtype itself, as autocast does for the loop's torch.mm.
+
+`check_config` (at the end) checks a config's `model.moe.experts_impl` against this registry.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, Optional
+from typing import ClassVar, Dict, Optional, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe import ops
-
-
-def swiglu(h13: torch.Tensor) -> torch.Tensor:
-    gate, up = h13.chunk(2, dim=-1)
-    return F.silu(gate) * up
+from moe.config import ModelConfig, expert_hidden
+from moe.errors import ConfigError
+from moe.nn.ffn import swiglu
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -106,26 +112,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return grad_x, grad_w13, grad_w2, None
 
 
-def _loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] == 0:
-        return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
-    return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, counts.tolist())  # one host sync: segment bounds
-
-
-def _padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    E, d = w13.shape[0], x.shape[1]
-    counts_t = counts.to(device=x.device, dtype=torch.long)
-    cap = max(int(counts_t.max()), 1)  # host sync: the padded shape
-    offsets = torch.cumsum(counts_t, 0) - counts_t
-    slot = torch.arange(cap, device=x.device)
-    valid = slot.unsqueeze(0) < counts_t.unsqueeze(1)  # [E, cap]
-    rows = (offsets.unsqueeze(1) + slot.unsqueeze(0))[valid]  # source row of each valid slot
-    padded = x.new_zeros(E * cap, d)
-    flat_valid = valid.reshape(-1)
-    padded = padded.index_copy(0, flat_valid.nonzero().squeeze(1), x.index_select(0, rows))
-    h = torch.bmm(padded.view(E, cap, d), w13.transpose(1, 2))
-    y = torch.bmm(swiglu(h), w2.transpose(1, 2)).reshape(E * cap, -1)
-    return y[flat_valid]
+def _no_rows(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The [0, d] output for no rows (an expert-parallel rank may receive none), with zero (not
+    missing) gradients for the weights."""
+    return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
 
 
 GROUPED_MM_ALIGN_BYTES = 16  # torch._grouped_mm: every row stride a multiple of 16 bytes
@@ -145,17 +135,6 @@ def grouped_mm_shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Opt
     return None
 
 
-def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    dtype = _autocast_dtype(x.device) or x.dtype
-    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
-    if x.shape[0] == 0:  # no rows (an expert-parallel rank may receive none): zero gradients, as `loop`
-        return x.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())
-    # int32 end offset of each expert's segment, computed on the device: no host sync
-    offs = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)
-    h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
-    return torch._grouped_mm(swiglu(h), w2.transpose(1, 2), offs=offs)
-
-
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast runs matmuls in on this device type, or None when autocast is off."""
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
@@ -163,7 +142,93 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-EXPERT_IMPLS: Dict[str, Callable] = {"loop": _loop, "padded": _padded, "grouped": _grouped}
+# ------------------------------------------------------------------------------------ the backends
+
+
+class ExpertBackend:
+    """One way to run E SwiGLU FFNs over expert-sorted rows. Stateless: EXPERT_IMPLS maps `name` to
+    the class, and its static methods are called on the class."""
+
+    name: ClassVar[str] = ""
+
+    @staticmethod
+    def shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Optional[str]:
+        """Why this backend cannot run experts of these shapes in `dtype` (None when it can)."""
+        return None
+
+    @staticmethod
+    def forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                dispatch: str = "reference") -> torch.Tensor:
+        """x [N, d] sorted by expert, expert e taking the next counts[e] rows; w13 [E, 2h, d], w2 [E, d, h]
+        -> [N, d]. dispatch: the layer's dispatch backend (moe.ops)."""
+        raise NotImplementedError
+
+
+class LoopExperts(ExpertBackend):
+    """`loop`: one GEMM per non-empty expert (`_GroupedSwiGLU`); compiled (moe._C) with the extension
+    dispatch backend on CPU."""
+
+    name = "loop"
+
+    @staticmethod
+    def forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                dispatch: str = "reference") -> torch.Tensor:
+        if ops.grouped_swiglu_supported(dispatch, x):
+            return ops.grouped_swiglu(x, w13, w2, counts)
+        if x.shape[0] == 0:
+            return _no_rows(x, w13, w2)
+        return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, counts.tolist())  # one host sync: segment bounds
+
+
+class PaddedExperts(ExpertBackend):
+    """`padded`: every expert padded to the largest segment, one batched GEMM per projection."""
+
+    name = "padded"
+
+    @staticmethod
+    def forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                dispatch: str = "reference") -> torch.Tensor:
+        E, d = w13.shape[0], x.shape[1]
+        counts_t = counts.to(device=x.device, dtype=torch.long)
+        cap = max(int(counts_t.max()), 1)  # host sync: the padded shape
+        offsets = torch.cumsum(counts_t, 0) - counts_t
+        slot = torch.arange(cap, device=x.device)
+        valid = slot.unsqueeze(0) < counts_t.unsqueeze(1)  # [E, cap]
+        rows = (offsets.unsqueeze(1) + slot.unsqueeze(0))[valid]  # source row of each valid slot
+        padded = x.new_zeros(E * cap, d)
+        flat_valid = valid.reshape(-1)
+        padded = padded.index_copy(0, flat_valid.nonzero().squeeze(1), x.index_select(0, rows))
+        h = torch.bmm(padded.view(E, cap, d), w13.transpose(1, 2))
+        y = torch.bmm(swiglu(h), w2.transpose(1, 2)).reshape(E * cap, -1)
+        return y[flat_valid]
+
+
+class GroupedExperts(ExpertBackend):
+    """`grouped`: torch._grouped_mm, one call per projection for all experts, no host sync."""
+
+    name = "grouped"
+
+    @staticmethod
+    def shape_error(d_model: int, hidden: int, dtype: torch.dtype) -> Optional[str]:
+        return grouped_mm_shape_error(d_model, hidden, dtype)
+
+    @staticmethod
+    def forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                dispatch: str = "reference") -> torch.Tensor:
+        dtype = _autocast_dtype(x.device) or x.dtype
+        x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+        if x.shape[0] == 0:  # no rows: zero gradients, as `loop`
+            return _no_rows(x, w13, w2)
+        # int32 end offset of each expert's segment, computed on the device: no host sync
+        offs = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)
+        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(swiglu(h), w2.transpose(1, 2), offs=offs)
+
+
+EXPERT_IMPLS: Dict[str, Type[ExpertBackend]] = {b.name: b for b in (LoopExperts, PaddedExperts, GroupedExperts)}
+
+
+# ------------------------------------------------------------------------------------ choosing one
 
 
 def resolve_experts_impl(name: str, device: torch.device, dtype: torch.dtype, d_model: int, hidden: int) -> str:
@@ -203,15 +268,26 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         compute_dtype = _autocast_dtype(x.device) or x.dtype
-        impl = resolve_experts_impl(self.impl, x.device, compute_dtype, self.d_model, self.hidden)
-        if impl == "loop" and ops.grouped_swiglu_supported(self.backend, x):
-            return ops.grouped_swiglu(x, self.w13, self.w2, tokens_per_expert)
-        if impl == "grouped":
-            why = grouped_mm_shape_error(self.d_model, self.hidden, compute_dtype)
-            if why is not None:
-                raise ValueError(f"model.moe.experts_impl=grouped: {why}")
-        return EXPERT_IMPLS[impl](x, self.w13, self.w2, tokens_per_expert)
+        impl = EXPERT_IMPLS[resolve_experts_impl(self.impl, x.device, compute_dtype, self.d_model, self.hidden)]
+        why = impl.shape_error(self.d_model, self.hidden, compute_dtype)
+        if why is not None:
+            raise ValueError(f"model.moe.experts_impl={impl.name}: {why}")
+        return impl.forward(x, self.w13, self.w2, tokens_per_expert, self.backend)
 
 
-def expert_init_stds(init_std: float, n_layers: int) -> tuple:
-    return init_std, init_std / math.sqrt(2 * n_layers)
+# ------------------------------------------------------------------------------ checking a config
+
+def check_config(model_cfg: ModelConfig) -> None:
+    """The expert-backend knob of a config, for moe.validate: `model.moe.experts_impl` is `auto` or a
+    name of EXPERT_IMPLS, and the backend it names can run experts of the config's shapes in bf16 (the
+    strictest dtype one runs in: `grouped` needs rows of whole 16-byte units). A dense model has nothing
+    to check. Raises a one-line ConfigError naming the key."""
+    moe = model_cfg.moe
+    if moe.num_experts == 0 or moe.experts_impl == "auto":
+        return
+    if moe.experts_impl not in EXPERT_IMPLS:
+        raise ConfigError(f"model.moe.experts_impl: unknown {moe.experts_impl!r}; "
+                          f"known: auto, {', '.join(sorted(EXPERT_IMPLS))}")
+    why = EXPERT_IMPLS[moe.experts_impl].shape_error(model_cfg.d_model, expert_hidden(model_cfg), torch.bfloat16)
+    if why is not None:
+        raise ConfigError(f"model.moe.experts_impl={moe.experts_impl}: {why}")

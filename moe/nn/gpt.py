@@ -5,6 +5,7 @@ RMSNorm -> FFN (dense SwiGLU or MoELayer) -> residual] -> RMSNorm -> LM head (op
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -13,8 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig, dense_ffn_hidden, expert_hidden, moe_layer_ids
-from moe.nn.experts import expert_init_stds
-from moe.nn.moe_layer import DenseFFN, MoELayer
+from moe.nn.ffn import DenseFFN
+from moe.nn.moe_layer import MoELayer
+
+
+def init_stds(init_std: float, n_layers: int) -> tuple:
+    """(std of the input projections, std of the projections that write into the residual stream:
+    scaled by 1/sqrt(2 n_layers), two residual writes per block)."""
+    return init_std, init_std / math.sqrt(2 * n_layers)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple:
@@ -72,7 +79,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, is_moe: bool) -> None:
         super().__init__()
         self.layer_id = layer_id
-        init_std, out_std = expert_init_stds(cfg.init_std, cfg.n_layers)
+        init_std, out_std = init_stds(cfg.init_std, cfg.n_layers)
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, out_std)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -139,45 +146,3 @@ class GPT(nn.Module):
             for value in layer.aux_losses.values():
                 aux = aux + value
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
-
-
-# --------------------------------------------------------------------------------------- accounting
-
-
-def count_params(model: GPT) -> dict:
-    """Total parameters, and parameters active for one token (k of E routed experts)."""
-    cfg = model.cfg
-    total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
-    inactive = 0
-    for layer in model.moe_layers():
-        expert_params = layer.experts.w13.numel() + layer.experts.w2.numel()
-        inactive += expert_params * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
-    embedding = model.embed.weight.numel()
-    return {
-        "params_total": total,
-        "params_active": total - inactive,
-        "params_embedding": embedding,
-    }
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
-    """Training FLOPs per token (forward + backward = 3x forward; a matmul is 2 FLOPs per weight).
-
-    Counts the matmuls a token actually goes through: attention projections, dense FFNs, the router,
-    its top_k routed experts (no capacity padding is ever computed: dropped slots are skipped), the
-    shared experts, the LM head, and causal attention scores (on average seq_len/2 keys per query).
-    """
-    d, L = cfg.d_model, cfg.n_layers
-    moe_ids = set(moe_layer_ids(cfg))
-    fwd = 0
-    for i in range(L):
-        fwd += 2 * 4 * d * d  # qkv + output projection
-        fwd += 2 * 2 * d * (seq_len / 2)  # QK^T and AV over the causal half on average
-        if i in moe_ids:
-            h = expert_hidden(cfg)
-            fwd += 2 * d * cfg.moe.num_experts  # router
-            fwd += (cfg.moe.top_k + cfg.moe.num_shared_experts) * 2 * 3 * d * h
-        else:
-            fwd += 2 * 3 * d * dense_ffn_hidden(cfg)
-    fwd += 2 * d * cfg.vocab_size  # LM head
-    return {"flops_per_token": 3 * fwd, "flops_per_token_forward": fwd}

@@ -6,11 +6,15 @@ switch         token choice top-1 (Switch Transformer)
 expert_choice  each expert picks its top-C tokens (Zhou et al. 2022)
 sinkhorn       selection on a Sinkhorn-balanced assignment (BASE layers / Megatron)
 hash           a fixed hash of the token id (Hash Layers, Roller et al. 2021)
+
+`check_config` checks a config's routing knobs (moe.validate calls it): each family checks its own
+in `validate_config`.
 """
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import TYPE_CHECKING, Dict, Type
 
+from moe.errors import ConfigError
 from moe.routing.base import Router, RoutingDecision
 from moe.routing.expert_choice import ExpertChoiceRouter
 from moe.routing.hash import HashRouter
@@ -26,6 +30,9 @@ ROUTERS: Dict[str, Type[Router]] = {
     "hash": HashRouter,
 }
 
+if TYPE_CHECKING:  # annotations only
+    from moe.config import ModelConfig, MoEConfig, ParallelConfig
+
 
 def build_router(d_model: int, cfg) -> Router:
     """cfg is a moe.config.MoEConfig."""
@@ -36,4 +43,35 @@ def build_router(d_model: int, cfg) -> Router:
     return cls(d_model, cfg)
 
 
-__all__ = ["ROUTERS", "Router", "RoutingDecision", "build_router"]
+def check_router_name(moe_cfg: MoEConfig) -> None:
+    """ConfigError unless `model.moe.router` names a router of ROUTERS (nothing to check without experts)."""
+    if moe_cfg.num_experts > 0 and moe_cfg.router not in ROUTERS:
+        raise ConfigError(f"model.moe.router: unknown router {moe_cfg.router!r}; known: {', '.join(sorted(ROUTERS))}")
+
+
+def check_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> None:
+    """The routing knobs of a config, for moe.validate: a known router, the router family's own
+    `validate_config`, experts that split evenly over the expert-parallel ranks, and a router that can
+    run expert-parallel when parallel.ep_size > 1. A dense model (no experts) has nothing to check.
+    Raises a one-line ConfigError naming the keys."""
+    moe = model_cfg.moe
+    if moe.num_experts == 0:
+        return
+    check_router_name(moe)
+    router_cls = ROUTERS[moe.router]
+    router_cls.validate_config(moe)
+    check_expert_parallel(moe, parallel_cfg, router_cls)
+
+
+def check_expert_parallel(moe_cfg: MoEConfig, parallel_cfg: ParallelConfig, router_cls: Type[Router]) -> None:
+    """parallel.ep_size divides the experts, and the router does not need the tokens of other ranks."""
+    ep_size = parallel_cfg.ep_size
+    if moe_cfg.num_experts % ep_size:
+        raise ConfigError(f"parallel.ep_size ({ep_size}) must divide model.moe.num_experts ({moe_cfg.num_experts})")
+    if ep_size != 1 and not getattr(router_cls, "supports_expert_parallel", True):
+        reason = getattr(router_cls, "expert_parallel_reason", "it needs the tokens of other ranks")
+        raise ConfigError(f"model.moe.router={moe_cfg.router} cannot run expert-parallel "
+                          f"(parallel.ep_size={ep_size}): {reason}; use parallel.ep_size=1")
+
+
+__all__ = ["ROUTERS", "Router", "RoutingDecision", "build_router", "check_config", "check_router_name"]

@@ -16,6 +16,7 @@ The training loop calls it once after each optimizer step (at the accumulation b
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moe.routing.base import Router
@@ -33,8 +34,6 @@ def end_optimizer_step(model: nn.Module) -> None:
     if not routers:
         return
     loads = torch.stack([r.step_load for r in routers]).to(torch.float64)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loads)
     for router, load in zip(routers, loads):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.errors import ConfigError
 from moe.ops import expert_counts
 from moe.routing import losses as L
 
@@ -82,7 +83,7 @@ class Router(nn.Module):
 
     @classmethod
     def validate_config(cls, cfg) -> None:
-        """Raise moe.config.ConfigError for settings this router cannot honour."""
+        """Raise moe.errors.ConfigError for settings this router cannot honour."""
 
     # ------------------------------------------------------------------------------------ routing
 
@@ -206,8 +207,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def check_unused(cfg, router: str, reason: str, *keys: str) -> None:
     """ConfigError when any of `keys` (MoEConfig fields) is set (non-zero/true) for a router that
     does not use it; the message names the keys and why."""
-    from moe.config import ConfigError
-
     bad = [k for k in keys if getattr(cfg, k)]
     if bad:
         settings = ", ".join(f"model.moe.{k}={getattr(cfg, k)}" for k in bad)

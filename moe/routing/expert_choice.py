@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from moe.errors import ConfigError
 from moe.routing.base import Router, RoutingDecision, check_unused
 
 
@@ -32,8 +33,6 @@ class ExpertChoiceRouter(Router):
 
     @classmethod
     def validate_config(cls, cfg) -> None:
-        from moe.config import ConfigError
-
         if cfg.capacity_factor <= 0:
             raise ConfigError("model.moe.router=expert_choice selects by capacity: model.moe.capacity_factor "
                               f"must be > 0 (got {cfg.capacity_factor}; 1.0 matches the compute of top_k token "

@@ -6,14 +6,13 @@ training), aux_loss_coef (0.01) and z_loss_coef.
 """
 from __future__ import annotations
 
+from moe.errors import ConfigError
 from moe.routing.topk import TopKRouter
 
 
 class SwitchRouter(TopKRouter):
     @classmethod
     def validate_config(cls, cfg) -> None:
-        from moe.config import ConfigError
-
         if cfg.top_k != 1:
             raise ConfigError(f"model.moe.router=switch sends each token to one expert: set model.moe.top_k=1 "
                               f"(got {cfg.top_k}), or use router=topk")

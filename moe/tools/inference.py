@@ -7,26 +7,24 @@ from typing import Optional
 
 import torch
 
-from moe.train import checkpoint
 from moe.config import ConfigError, config_from_yaml_text
+from moe.data import load_saved_tokenizer
+from moe.io import RunFolder
 from moe.nn.gpt import GPT, KVCache
-
-
+from moe.train.checkpoint import integrity, loading
 def load_run(run_dir: str, tag: Optional[str] = None, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run folder's latest (or `tag`) checkpoint."""
-    from moe.data import load_saved_tokenizer
-
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
+    folder = RunFolder(run_dir)
+    if not os.path.isfile(folder.config):
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt_dir = folder.checkpoints
     if tag is None:
-        tag, note = checkpoint.find_resume(ckpt_dir)
+        tag, note = integrity.find_resume(ckpt_dir)
         if note:
             print(f"note: {note}")
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint yet (nothing in {ckpt_dir})")
-    weights = checkpoint.load_model_weights(ckpt_dir, tag)  # verifies the folder, the config included
+    weights = loading.load_model_weights(ckpt_dir, tag)  # verifies the folder, the config included
     # the config stored with the checkpoint is the one its weights were trained with
     cfg_file = os.path.join(ckpt_dir, tag, "config.yaml")
     try:

@@ -37,7 +37,19 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+import torch.distributed as dist
+
+from moe import parallel
+from moe.config import ConfigError, global_batch_size, load_config
+from moe.data import BatchSampler
 from moe.io import atomic_write
+from moe.metrics import router_metrics, training_env
+from moe.parallel import gather_experts, is_expert_param, model_groups
+from moe.train.build import build_training
+from moe.train.checkpoint.optimizer_state import OptimizerState
+from moe.train.step import optimizer_step
+from moe.validate import validate
 
 ALIASES = {"ep": "parallel.ep_size", "zero": "train.zero_stage", "mbs": "train.micro_batch_size",
            "compile": "train.compile"}
@@ -69,17 +81,6 @@ def parse_layout(spec: str, default_nproc: Optional[int]) -> Tuple[Optional[int]
 
 def worker(config: str, overrides: List[str], steps: int, out: str, dump: Optional[str]) -> None:
     """One layout, in every process of it: N steps, then rank 0 writes the per-step records."""
-    import torch
-    import torch.distributed as dist
-
-    from moe import parallel
-    from moe.config import global_batch_size, load_config, validate
-    from moe.data import BatchSampler
-    from moe.parallel.expert import gather_experts, is_expert_param, model_groups
-    from moe.metrics import router_metrics
-    from moe.train.loop import build_training
-    from moe.train.step import optimizer_step
-
     cfg = load_config(config, list(overrides) + [
         f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
         "logging.wandb.mode=disabled", "logging.progress=false"])
@@ -120,8 +121,6 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
         if dump and step == 1:
             _dump_logits(logits, mbs, world, dump, rank)
     if dump:
-        from moe.train.checkpoint import OptimizerState
-
         opt = OptimizerState(engine)
         weights = {n: full(opt.get_master(p), p) for n, p in model.named_parameters()}
         if rank == 0:
@@ -136,8 +135,6 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
 
 
 def _dump_grads(model, names, full, grad_norm: float, dump: str, rank: int) -> None:
-    import torch
-
     grads = {}
     for p in model.parameters():
         if p.grad is not None:
@@ -154,9 +151,6 @@ def _dump_grads(model, names, full, grad_norm: float, dump: str, rank: int) -> N
 def _dump_logits(logits: list, mbs: int, world: int, dump: str, rank: int) -> None:
     """Logits of the first step's micro-batches, in the global batch order of BatchSampler: micro-batch
     m of rank r holds global sequences m*mbs*world + r*mbs + [0, mbs)."""
-    import torch
-    import torch.distributed as dist
-
     local = torch.stack(logits)  # [accum, mbs, S, V]
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
@@ -226,7 +220,6 @@ def run_layouts(config: str, overrides: List[str], layouts: List[str], steps: in
                 timeout: int = 1800) -> Tuple[List[Tuple[str, Dict[str, Any]]], List[str]]:
     """Launch every layout (sequentially), then compare. Raises ParityError for a bad layout or a
     failed run (with the tail of its log)."""
-    from moe.config import ConfigError, load_config, validate
 
     parsed = []
     max_ep = 1
@@ -259,8 +252,6 @@ def run_layouts(config: str, overrides: List[str], layouts: List[str], steps: in
             args += ["--dump", dump_dir]
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
                                   if n > 1 else []) + args
-        from moe.metrics import training_env
-
         run_env = training_env({"WANDB_MODE": "disabled"})
         run_env.setdefault("OMP_NUM_THREADS", "1")
         run_env.update(env or {})

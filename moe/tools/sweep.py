@@ -38,8 +38,11 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from moe.config import ConfigError, folder_name_error, load_config, validate
+from moe.config import ConfigError, folder_name_error, load_config
 from moe.io import atomic_write
+from moe.launch import active_array_tasks, check_options, check_tasks, submit, wait_for_job
+from moe.metrics import training_env
+from moe.validate import validate
 
 
 @dataclass
@@ -188,7 +191,6 @@ def read_manifest(sweep: Sweep) -> Dict[str, Dict[str, Any]]:
 
 def _still_in_slurm(entries: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     """{run name: 'STATE in job J'} for runs an earlier `--slurm` submission still has queued or running."""
-    from moe.launch import active_array_tasks
 
     jobs = {e["job_id"] for e in entries.values() if e.get("job_id") and e.get("status") == "submitted"}
     active = {job: active_array_tasks(job) for job in jobs}
@@ -227,7 +229,6 @@ def run_local(sweep: Sweep, parallel: int = 1, threads: int = 0, extra_env: Opti
     write_manifest(sweep, results)
     os.makedirs(sweep.root, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, parallel))
-    from moe.metrics import training_env
 
     env = training_env(extra_env)
     active: List[tuple] = []
@@ -263,7 +264,6 @@ def submit_slurm(sweep: Sweep, opts, command: List[str], throttle: Optional[int]
                  log=print) -> Dict[str, Dict[str, Any]]:
     """Submit the sweep's pending runs as one Slurm job array (`opts`: moe.launch.LaunchOptions
     without config/array); with opts.wait, wait for it and record each run's final status."""
-    from moe.launch import check_options, check_tasks, submit, wait_for_job
 
     pending, results = pending_runs(sweep, log)
     if not pending:
@@ -294,7 +294,7 @@ def submit_slurm(sweep: Sweep, opts, command: List[str], throttle: Optional[int]
         f"`moe sweep {sweep.path} --slurm ...` again skips finished and in-flight runs")
     if opts.wait:
         wait_for_job(job_id)
-        for i, run in zip(ids, pending):
+        for run in pending:
             ok = run_status(os.path.join(sweep.root, run.name)) == "finished"
             results[run.name]["status"] = "finished" if ok else "failed"
             log(f"[sweep] {run.name}: {results[run.name]['status']}")

@@ -14,6 +14,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from moe.parallel import grad_norm as global_grad_norm
+from moe.routing.balancing import end_optimizer_step
+
 
 @dataclass
 class StepResult:
@@ -31,9 +34,6 @@ def optimizer_step(engine, model, next_batch: Callable[[], Any], accum: int, dev
     """Run one optimizer step. `next_batch()` gives (x, y) on the CPU; `before_step(grad_norm)` is
     called at the boundary while the reduced gradients are still there (ZeRO 0 only: `moe parity
     --dump` reads them)."""
-    from moe.parallel import grad_norm as global_grad_norm
-    from moe.routing.balancing import end_optimizer_step
-
     loss_sum = torch.zeros((), dtype=torch.float64)
     norm = float("nan")
     outputs = []

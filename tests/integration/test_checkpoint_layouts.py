@@ -51,7 +51,7 @@ def tree_hash(path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(workdir, corpus, data_cache):
-    from moe.train.checkpoint import _global_experts, consolidated_state_dict
+    from moe.train.checkpoint.loading import _global_experts, consolidated_state_dict
 
     base = common(corpus, data_cache)
     runs = workdir / "runs"
@@ -103,7 +103,7 @@ def test_verify_export_and_inference_on_an_ep_checkpoint(workdir, corpus, data_c
     import torch
     from safetensors.torch import load_file
 
-    from moe.train.checkpoint import load_model_weights
+    from moe.train.checkpoint.loading import load_model_weights
     from moe.tools.inference import load_run
 
     train(workdir, 2, [*common(corpus, data_cache), "parallel.ep_size=2", "train.steps=4", "run.name=ep2"])
@@ -165,6 +165,6 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(workdir, corp
 
 
 def test_verify_reports_a_folder_that_is_not_a_checkpoint(tmp_path):
-    from moe.train.checkpoint import verify
+    from moe.train.checkpoint.integrity import verify
 
     assert verify(str(tmp_path))[0].endswith("no meta.json (not a checkpoint written by moe train)")

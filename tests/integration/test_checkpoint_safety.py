@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from moe.train import checkpoint
-from moe.train.checkpoint.store import write_manifest
+from moe.train.checkpoint import folders, integrity, loading, trainer_state
+from moe.train.checkpoint.manifest import write_manifest
 from moe.errors import CheckpointError, RunFolderBusy, TrainingDiverged
 from tests.helpers import ROOT, read_metrics, run_moe, tiny_run_args
 
@@ -106,11 +106,11 @@ def test_1_a_payload_in_any_checkpoint_file_never_runs(run_copy, tmp_path):
         marker = tmp_path / f"ran-{name}"
         sdir = work / "checkpoints" / "step_00000004"
         plant(sdir, name, marker)
-        assert checkpoint.verify(str(sdir)), name  # the folder is refused ...
-        for reader in (lambda: checkpoint.consolidated_state_dict(str(sdir)),
-                       lambda: checkpoint.read_trainer(str(sdir)),
-                       lambda: checkpoint.export(str(sdir), str(tmp_path / "out.safetensors")),
-                       lambda: checkpoint.load_model_weights(str(work / "checkpoints")),
+        assert integrity.verify(str(sdir)), name  # the folder is refused ...
+        for reader in (lambda: loading.consolidated_state_dict(str(sdir)),
+                       lambda: trainer_state.read_trainer(str(sdir)),
+                       lambda: loading.export(str(sdir), str(tmp_path / "out.safetensors")),
+                       lambda: loading.load_model_weights(str(work / "checkpoints")),
                        lambda: load_run(str(work)),
                        lambda: config_from_yaml_text((sdir / "config.yaml").read_text(errors="replace"))):
             try:
@@ -125,19 +125,19 @@ def test_1_format1_trainer_pt_and_deepspeed_folder_are_read_without_running_code
     v1 = tmp_path / "v1"
     shutil.copytree(os.path.join(FIXTURE_V1, "v1_moe"), v1)
     step = v1 / "checkpoints" / "step_00000003"
-    assert checkpoint.verify(str(step)) == []  # the genuine one reads
+    assert integrity.verify(str(step)) == []  # the genuine one reads
     marker = tmp_path / "ran-v1"
     pickle_payload(step / "trainer.pt", marker)
-    problems = checkpoint.verify(str(step))
+    problems = integrity.verify(str(step))
     assert problems and "trainer.pt: refused to load" in problems[0]
     # DeepSpeed's own (legacy) format: only tensors and plain data are read, through the safe loader
     legacy = tmp_path / "legacy" / "checkpoints" / "step_00000002"
     legacy.mkdir(parents=True)
-    pickle_payload(legacy / checkpoint.LEGACY_MODEL_FILE, marker)
+    pickle_payload(legacy / folders.LEGACY_MODEL_FILE, marker)
     (legacy.parent / "latest").write_text("step_00000002")
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
-        checkpoint.load_model_weights(str(legacy.parent))
-    from moe.train.checkpoint import _safe_scan_legacy
+        loading.load_model_weights(str(legacy.parent))
+    from moe.train.checkpoint.loading import _safe_scan_legacy
 
     with pytest.raises(CheckpointError, match="refused to load"):
         _safe_scan_legacy(str(legacy))  # what `moe train` runs before DeepSpeed's unpickling loader
@@ -185,7 +185,7 @@ def test_a_format1_checkpoint_of_an_earlier_version_resumes_on_the_same_curve(tm
 
 def test_2_starting_over_a_folder_with_checkpoints_is_refused_and_changes_nothing(run_copy):
     from moe.config import ConfigError, load_config
-    from moe.train.loop import prepare_run_dir
+    from moe.train.run_dir import prepare_run_dir
 
     root = str(run_copy.parent)
     before = tree_digest(run_copy)
@@ -198,15 +198,15 @@ def test_2_starting_over_a_folder_with_checkpoints_is_refused_and_changes_nothin
     prepare_run_dir(cfg, is_writer=True)
     aside = [p for p in os.listdir(root) if p.startswith("base.old-")]
     assert len(aside) == 1 and tree_digest(run_copy.parent / aside[0]) == before
-    assert checkpoint.list_steps(str(run_copy / "checkpoints")) == []
+    assert folders.list_steps(str(run_copy / "checkpoints")) == []
 
 
 def test_2_pruning_never_deletes_a_newer_checkpoint(tmp_path):
     for s in (2, 4, 6, 20, 30):
-        (tmp_path / checkpoint.step_tag(s)).mkdir()
-    gone = checkpoint.prune(str(tmp_path), just_written=6, keep_last=2)  # keeps 6 and the one before it
+        (tmp_path / folders.step_tag(s)).mkdir()
+    gone = folders.prune(str(tmp_path), just_written=6, keep_last=2)  # keeps 6 and the one before it
     assert gone == ["step_00000002"]
-    assert checkpoint.list_steps(str(tmp_path)) == [4, 6, 20, 30]
+    assert folders.list_steps(str(tmp_path)) == [4, 6, 20, 30]
 
 
 # --------------------------------------------------------------------------- 3. lost `latest`
@@ -220,11 +220,11 @@ def test_3_a_lost_latest_falls_back_to_the_newest_verified_step(run_copy, damage
     else:
         (ckpt / "latest").write_text("step_00000099")
     shutil.copytree(ckpt / "step_00000004", ckpt / "step_00000006")  # newest, but it fails verification
-    tag, note = checkpoint.find_resume(str(ckpt))
+    tag, note = integrity.find_resume(str(ckpt))
     assert tag == "step_00000004"
     assert ("missing" if damage == "missing" else "step_00000099") in note and "skipped step_00000006" in note
     with pytest.raises(CheckpointError, match="latest"):
-        checkpoint.latest_tag(str(ckpt))  # the plain pointer read still refuses to guess
+        folders.latest_tag(str(ckpt))  # the plain pointer read still refuses to guess
 
 
 def test_3_and_9_resume_without_latest_continues_the_run_and_clears_leftovers(base_run, run_copy):
@@ -290,7 +290,7 @@ def test_4_and_9_a_second_trainer_is_refused_and_the_first_ctrl_c_saves_and_stop
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "preempted" and "SIGINT" in summary["reason"]
     tag = (run / "checkpoints" / "latest").read_text()
-    assert checkpoint.verify(str(run / "checkpoints" / tag)) == []
+    assert integrity.verify(str(run / "checkpoints" / tag)) == []
     assert int(tag.split("_")[1]) == summary["steps"]
     steps = [m["step"] for m in read_metrics(run) if "loss/train" in m]
     assert steps == list(range(1, len(steps) + 1))  # one writer: no step logged twice
@@ -309,10 +309,10 @@ def test_5_diverging_training_stops_saves_nothing_and_fails(base_run, run_copy):
     step = ckpt / "step_00000004"
     weights = load_file(str(step / "model.safetensors"))
     weights["blocks.0.attn.qkv.weight"] *= 1e30
-    save_file(weights, str(step / "model.safetensors"), metadata={"format": checkpoint.FORMAT})
+    save_file(weights, str(step / "model.safetensors"), metadata={"format": folders.FORMAT})
     (step / "manifest.json").unlink()
     write_manifest(str(step))
-    assert checkpoint.verify(str(step)) == []
+    assert integrity.verify(str(step)) == []
     before = tree_digest(ckpt)
     proc = run_moe(args(base_run, "train.steps=20", "checkpoint.every=1", "checkpoint.keep_last=1"),
                    cwd=run_copy.parent.parent, check=False)
@@ -331,17 +331,17 @@ def test_5_a_checkpoint_with_a_nan_weight_is_refused_even_with_matching_checksum
     step = run_copy / "checkpoints" / "step_00000004"
     weights = load_file(str(step / "model.safetensors"))
     weights["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
-    save_file(weights, str(step / "model.safetensors"), metadata={"format": checkpoint.FORMAT})
+    save_file(weights, str(step / "model.safetensors"), metadata={"format": folders.FORMAT})
     (step / "manifest.json").unlink()
     write_manifest(str(step))
-    problems = checkpoint.verify(str(step))
+    problems = integrity.verify(str(step))
     assert problems == [f"{step}/model.safetensors: blocks.0.attn.qkv.weight has 1 non-finite values"]
     with pytest.raises(CheckpointError, match="non-finite values"):
-        checkpoint._verify_once(str(step))  # what loading runs first, on every rank
+        loading._verify_once(str(step))  # what loading runs first, on every rank
 
 
 def test_5_saving_non_finite_tensors_raises_before_anything_is_written():
-    from moe.train.checkpoint import _agree_finite
+    from moe.train.checkpoint.saving import _agree_finite
 
     _agree_finite(3, {"a": torch.ones(2)})
     with pytest.raises(TrainingDiverged, match="step 3: 1 tensors hold non-finite values .*b"):
@@ -359,10 +359,10 @@ def test_6_verify_catches_one_flipped_byte_in_any_file(run_copy):
             flipped = bytearray(data)
             flipped[pos] ^= 0x01
             (step / name).write_bytes(bytes(flipped))
-            problems = checkpoint.verify(str(step))
+            problems = integrity.verify(str(step))
             assert problems and any(name in p for p in problems), (name, pos, problems)
             (step / name).write_bytes(data)
-    assert checkpoint.verify(str(step)) == []
+    assert integrity.verify(str(step)) == []
 
 
 def test_6_a_swapped_trainer_state_or_renamed_folder_disagrees_on_the_step(run_copy):
@@ -371,11 +371,11 @@ def test_6_a_swapped_trainer_state_or_renamed_folder_disagrees_on_the_step(run_c
     shutil.copy(ckpt / "step_00000002" / "trainer.json", step4 / "trainer.json")
     (step4 / "manifest.json").unlink()
     write_manifest(str(step4))  # checksums that match: only the step check can tell
-    assert checkpoint.verify(str(step4)) == [
+    assert integrity.verify(str(step4)) == [
         f"{step4}: the step differs between meta.json (4), the folder name (4), trainer.json (2), "
         f"train_state.json (4)"]
     os.rename(ckpt / "step_00000002", ckpt / "step_00000008")
-    assert "the folder name (8)" in checkpoint.verify(str(ckpt / "step_00000008"))[0]
+    assert "the folder name (8)" in integrity.verify(str(ckpt / "step_00000008"))[0]
 
 
 @pytest.mark.slow

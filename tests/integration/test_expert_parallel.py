@@ -102,7 +102,8 @@ def test_parity_rejects_a_bad_layout_before_launching(workdir, corpus, data_cach
 
 
 def test_ep_size_must_divide_experts_and_world(workdir, data_cache):
-    from moe.config import ConfigError, load_config, validate
+    from moe.config import ConfigError, load_config
+    from moe.validate import validate
 
     proc = run_moe(["train", "experiments/debug_moe.yaml", f"data.cache_dir={data_cache}", "parallel.ep_size=3"],
                    cwd=workdir, check=False)
@@ -113,7 +114,8 @@ def test_ep_size_must_divide_experts_and_world(workdir, data_cache):
 
 
 def test_ep_config_checks():
-    from moe.config import ConfigError, load_config, validate
+    from moe.config import ConfigError, load_config
+    from moe.validate import validate
     from moe.routing import ROUTERS, TopKRouter
 
     dense = load_config(os.path.join(ROOT, "experiments", "debug_dense.yaml"), ["parallel.ep_size=2"])

@@ -15,7 +15,7 @@ def test_launch_dry_run_from_a_non_editable_install(tmp_path):
     env = dict(os.environ, MOE_BUILD_EXT="0", PIP_NO_INPUT="1")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
                     str(target), ROOT], check=True, env=env, capture_output=True, timeout=600)
-    assert (target / "moe" / "templates" / "job.sbatch").is_file()
+    assert (target / "moe" / "launch" / "job.sbatch").is_file()
     work = tmp_path / "work"
     shutil.copytree(os.path.join(ROOT, "experiments"), work / "experiments")
     env = dict(os.environ, PYTHONPATH=str(target), WANDB_MODE="disabled")

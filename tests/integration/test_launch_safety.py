@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import moe.launch
+import moe.launch.snapshot
 from moe.launch import LaunchOptions, launch, secret_file_reason
 from tests.helpers import ROOT
 from tests.helpers import files_containing
@@ -66,7 +66,7 @@ def test_code_snapshot_leaves_secret_files_out(tmp_path, monkeypatch, capsys, fa
     (repo / "server.txt").write_text(PRIVATE_KEY)
     (repo / "login.txt").write_text("the db password is plantedDbPassword4711\n")
     monkeypatch.setenv("MOE_TEST_DB_PASSWORD", "plantedDbPassword4711")
-    monkeypatch.setattr(moe.launch, "ROOT", str(repo))
+    monkeypatch.setattr(moe.launch.snapshot, "ROOT", str(repo))  # the checkout the snapshot is of
     work = tmp_path / "work"
     work.mkdir()
     os.symlink(os.path.join(ROOT, "experiments"), work / "experiments")

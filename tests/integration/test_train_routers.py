@@ -107,9 +107,8 @@ def test_bias_and_global_load_survive_resume(workdir, data_cache):
               "model.moe.bias_update_rate=0.01", "model.moe.global_aux_loss_coef=0.1"]
     train(workdir, data_cache, *common, "run.name=straight")
     train(workdir, data_cache, *common, "train.steps=6", "run.name=resumed")
-    from moe.train import checkpoint
-
-    state = checkpoint.load_model_weights(str(workdir / "runs" / "resumed" / "checkpoints"), "step_00000006")
+    from moe.train.checkpoint import loading
+    state = loading.load_model_weights(str(workdir / "runs" / "resumed" / "checkpoints"), "step_00000006")
     bias = state["blocks.0.ffn.router.expert_bias"]
     assert bias.dtype == torch.float32 and bias.abs().sum() > 0
     assert "blocks.0.ffn.router.global_load" in state and "blocks.0.ffn.router.step_load" not in state

@@ -1,10 +1,8 @@
-"""Tests for moe.analysis.compare (`moe compare`): synthetic run folders in tmp_path, no training."""
+"""Tests for moe.analysis.compare (`moe compare`): synthetic run folders in tmp_path, no training.
+Reading one run folder is tested in test_runs.py, the figures in test_plots.py."""
 from __future__ import annotations
 
 import json
-import math
-import os
-import zlib
 
 import numpy as np
 import pytest
@@ -17,76 +15,7 @@ from moe.analysis.compare import (
     compare_runs,
     load_run,
 )
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_run(root, dirname, *, name=None, model_type="dense", steps=40, tokens_per_step=4096,
-              flops_per_token=6e8, eval_every=10, moe_layers=(), num_experts=4, loss0=6.0,
-              summary=True, summary_drop=(), summary_extra=None, truncate_last=False):
-    """A run folder like the trainer writes: summary.json + metrics.jsonl (+ config.yaml)."""
-    d = root / dirname
-    d.mkdir()
-    (d / "config.yaml").write_text("model:\n  n_layers: 4\n")
-    rng = np.random.default_rng(zlib.crc32(dirname.encode()))
-    lines = []
-    for step in range(1, steps + 1):
-        tokens = step * tokens_per_step
-        flops = tokens * flops_per_token
-        loss = loss0 * math.exp(-step / steps) + 0.05 * rng.standard_normal()
-        line = {"step": step, "tokens": tokens, "flops": flops, "loss/train": loss,
-                "lr": 1e-3, "grad_norm": 1.0, "speed/tokens_per_s": 50_000 + 100 * step,
-                "speed/mfu": 0.4}
-        for layer in moe_layers:
-            load = rng.dirichlet(np.ones(num_experts) * 5).tolist()
-            line[f"router/layer{layer}/load"] = load
-            line[f"router/layer{layer}/max_over_mean"] = max(load) * num_experts
-            line[f"router/layer{layer}/dropped_frac"] = 0.0
-            line[f"router/layer{layer}/entropy"] = 1.3
-            line[f"router/layer{layer}/aux_loss"] = 0.01
-            line[f"router/layer{layer}/z_loss"] = 0.001
-        lines.append(json.dumps(line))
-        if step % eval_every == 0:
-            val = loss0 * math.exp(-step / steps) + 0.1
-            lines.append(json.dumps({"step": step, "tokens": tokens, "flops": flops,
-                                     "loss/val": val, "ppl/val": math.exp(val)}))
-    text = "\n".join(lines) + "\n"
-    if truncate_last:
-        text += json.dumps({"step": steps + 1, "tokens": 1, "flops": 1.0, "loss/train": 1.0})[:17]
-    (d / "metrics.jsonl").write_text(text)
-    final_val = loss0 * math.exp(-1) + 0.1
-    info = {
-        "name": name or dirname, "model_type": model_type, "train_loss": 2.3456,
-        "val_loss": round(final_val, 4), "val_ppl": round(math.exp(final_val), 2),
-        "tokens": steps * tokens_per_step, "steps": steps, "params_total": 123_456_789,
-        "params_active": 45_600_000 if model_type == "moe" else 123_456_789,
-        "flops_per_token": flops_per_token, "tokens_per_s": 51_234.0, "wall_s": 3725.0,
-        "status": "finished",
-    }
-    info.update(summary_extra or {})
-    for key in summary_drop:
-        info.pop(key, None)
-    if summary:
-        (d / "summary.json").write_text(json.dumps(info))
-    return d
-
-
-def table_rows(md: str) -> dict:
-    """{run cell: [cells]} for the first markdown table in md."""
-    rows = [l for l in md.splitlines() if l.startswith("| ")]
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    out = {"__header__": header}
-    for r in rows[1:]:
-        cells = [c.strip() for c in r.strip("|").split("|")]
-        out[cells[0]] = dict(zip(header, cells))
-    return out
-
-
-def assert_png(path):
-    assert os.path.isfile(path), path
-    data = open(path, "rb").read()
-    assert data[:8] == PNG_MAGIC, path
-    assert 5_000 < len(data) < 1_000_000, (path, len(data))
+from tests.helpers import PNG_MAGIC, assert_png, table_rows, write_run
 
 
 @pytest.fixture
@@ -130,16 +59,6 @@ def test_compare_writes_plots_and_table(two_runs, tmp_path):
     assert "same number of tokens (163,840)" in table
     assert "different token counts" not in table
     assert "expert_load.png not written" not in md
-
-
-def test_moe_run_layers_and_expert_load(two_runs):
-    _, moe = two_runs
-    run = load_run(str(moe))
-    assert run.is_moe and run.moe_layers() == [1, 3]
-    steps, load = run.expert_load(3)
-    assert load.shape == (40, 4) and steps[0] == 1 and steps[-1] == 40
-    np.testing.assert_allclose(load.sum(axis=1), 1.0, atol=1e-9)
-    assert len(run.evals) == 4 and len(run.train) == 40
 
 
 def test_different_token_counts_interpolated_column(tmp_path):
@@ -271,3 +190,58 @@ def test_summary_only_and_nan_runs(tmp_path):
     # MoE by summary but no router loads logged: no heatmap, and the markdown says why.
     assert not (out / EXPERT_LOAD_FILE).exists()
     assert "logged no router load lines" in (out / "compare.md").read_text()
+
+
+def test_runs_without_evals_are_left_out_of_the_common_budget(tmp_path):
+    evals = write_run(tmp_path, "evals", steps=20)
+    no_evals = write_run(tmp_path, "no-evals", steps=30, eval_every=1000)
+    table = compare_runs([str(evals), str(no_evals)], str(tmp_path / "out"))
+    rows = table_rows(table)
+    col = "val loss at 81.9K tokens"
+    assert col in rows["__header__"]
+    assert rows["no-evals"][col] == "-" and rows["evals"][col].startswith("**")
+    assert "Runs without a finite eval point in metrics.jsonl are left out: no-evals." in table
+
+
+def test_no_evals_anywhere_no_common_budget_column(tmp_path):
+    a = write_run(tmp_path, "a", steps=20, eval_every=1000, summary_drop=("val_loss",))
+    b = write_run(tmp_path, "b", steps=30, eval_every=1000, summary_drop=("val_loss",))
+    table = compare_runs([str(a), str(b)], str(tmp_path / "out"))
+    assert "cannot be compared at a common token count" in table
+    assert len(table_rows(table)["__header__"]) == 12
+    assert "**Bold**" not in table  # no val loss anywhere: nothing is bold
+    assert table.endswith('- "-": not recorded by the run.\n')
+
+
+def test_markdown_lists_runs_plots_and_moe_runs_without_loads(tmp_path):
+    loads = write_run(tmp_path, "loads", model_type="moe", moe_layers=(0,))
+    no_loads = write_run(tmp_path, "no-loads", model_type="moe")
+    running = write_run(tmp_path, "running", summary_extra={"status": "running"})
+    out = tmp_path / "out"
+    table = compare_runs([str(loads), str(no_loads), str(running)], str(out))
+    md = (out / "compare.md").read_text()
+    assert md.startswith("# Run comparison\n\nRuns, in the order given:\n\n")
+    assert f"- **loads**: `{loads}`" in md and f"- **running**: `{running}`" in md
+    assert "### [Validation loss vs tokens](val_loss_vs_tokens.png)" in md
+    assert "![Expert load per MoE layer](expert_load.png)" in md
+    assert "MoE runs without router load lines in metrics.jsonl (not shown): no-loads." in md
+    assert "running (running)" in table_rows(table)  # an unfinished status is shown with the name
+    assert "## Warnings" not in md
+    assert_png(out / EXPERT_LOAD_FILE)
+
+
+def test_same_name_same_folder_numbered(tmp_path):
+    a = write_run(tmp_path, "a", name="same")
+    table = compare_runs([str(a), str(a)], str(tmp_path / "out"))
+    rows = [k for k in table_rows(table) if k != "__header__"]
+    assert rows == [f"same ({a})", f"same ({a}) #2"]
+
+
+def test_output_folder_that_cannot_be_created(two_runs, tmp_path):
+    dense, _ = two_runs
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ReportError, match="cannot create output folder"):
+        compare_runs([str(dense)], str(blocker / "out"))
+    with pytest.raises(ReportError, match="no run folders given"):
+        compare_runs([], str(tmp_path / "out"))

@@ -4,7 +4,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moe import ops
-from moe.nn.experts import EXPERT_IMPLS, Experts, _GroupedSwiGLU, swiglu
+from moe.nn.experts import EXPERT_IMPLS, ExpertBackend, Experts, _GroupedSwiGLU, grouped_mm_shape_error
+from moe.nn.ffn import swiglu
 from tests.helpers import DEVICE
 
 
@@ -40,7 +41,7 @@ def test_grouped_impl_matches_loop(counts, dtype):
 
     def run(impl, dt):
         x, w13, w2 = [t.to(DEVICE, dt).requires_grad_() for t in base]
-        out = EXPERT_IMPLS[impl](x, w13, w2, torch.tensor(counts, device=DEVICE))
+        out = EXPERT_IMPLS[impl].forward(x, w13, w2, torch.tensor(counts, device=DEVICE))
         grads = torch.autograd.grad(out, (x, w13, w2), grad.to(DEVICE, dt), allow_unused=True)
         return [t.double() for t in (out, *(torch.zeros_like(a) if gr is None else gr
                                              for a, gr in zip((x, w13, w2), grads)))]
@@ -59,10 +60,30 @@ def test_grouped_impl_casts_to_the_autocast_dtype():
     x = torch.randn(16, 32, device=DEVICE)
     w13, w2 = torch.randn(3, 48, 32, device=DEVICE), torch.randn(3, 32, 24, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        out = EXPERT_IMPLS["grouped"](x, w13, w2, counts)
+        out = EXPERT_IMPLS["grouped"].forward(x, w13, w2, counts)
     assert out.dtype == torch.bfloat16
-    want = EXPERT_IMPLS["grouped"](x.bfloat16(), w13.bfloat16(), w2.bfloat16(), counts)
+    want = EXPERT_IMPLS["grouped"].forward(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), counts)
     assert torch.equal(out, want)
+
+
+def test_registry_of_backends_by_name():
+    """EXPERT_IMPLS maps each name to an ExpertBackend class of that name; every backend computes the
+    same E SwiGLU FFNs (float64, tight), and says which shapes it cannot run."""
+    assert sorted(EXPERT_IMPLS) == ["grouped", "loop", "padded"]
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5]
+    x = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    w13 = torch.randn(3, 2 * 8, 16, generator=g, dtype=torch.float64)
+    w2 = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
+    want = reference(x, w13, w2, counts)
+    for name, backend in EXPERT_IMPLS.items():
+        assert issubclass(backend, ExpertBackend) and backend.name == name
+        assert backend.shape_error(16, 8, torch.float32) is None or name == "grouped"
+        if name == "grouped" and backend.shape_error(16, 8, torch.float64) is not None:
+            continue  # torch._grouped_mm runs no float64
+        torch.testing.assert_close(backend.forward(x, w13, w2, torch.tensor(counts)), want)
+    assert EXPERT_IMPLS["grouped"].shape_error(12, 16, torch.bfloat16) == grouped_mm_shape_error(12, 16, torch.bfloat16)
+    assert EXPERT_IMPLS["loop"].shape_error(12, 16, torch.bfloat16) is None
 
 
 def test_auto_picks_grouped_on_cuda_bf16_with_aligned_shapes():
@@ -79,7 +100,8 @@ def test_auto_picks_grouped_on_cuda_bf16_with_aligned_shapes():
 
 @needs_grouped_mm
 def test_grouped_impl_rejects_unaligned_shapes_by_key():
-    from moe.config import ConfigError, load_config, validate
+    from moe.config import ConfigError, load_config
+    from moe.validate import validate
 
     experts = Experts(2, 12, 20, 0.02, 0.02, impl="grouped")  # 12 x 2 bytes: not a multiple of 16 in bf16
     with pytest.raises(ValueError, match="model.moe.experts_impl=grouped: .*d_model=12"):
@@ -129,20 +151,20 @@ def _fwd_bwd(fn, x, w13, w2, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
 def test_grouped_swiglu_extension_matches_reference(counts, dtype):
-    """ops.grouped_swiglu (compiled) against the reference `_loop`, forward and all three gradients.
+    """ops.grouped_swiglu (compiled) against the reference `loop` backend, forward and all three gradients.
     bf16 (rounded at other places than the reference: the SwiGLU once, in fp32): both against the
     reference in fp64, the compiled op's error at most twice the bf16 reference's."""
     d, h = 24, 40  # h = 40: the SwiGLU's vector loop and its tail
     x, w13, w2 = _weights(counts, d, h, dtype)
     counts_t = torch.tensor(counts)
     got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, torch.tensor(counts)), x, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
             assert a.dtype == dtype
             torch.testing.assert_close(a, b, **TOL[dtype])
         return
-    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)),
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, torch.tensor(counts)),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
     for a, b, c in zip(got, want, exact):
         assert a.dtype == dtype
@@ -170,12 +192,12 @@ def test_grouped_swiglu_matches_reference_for_any_counts(counts, d, h, dtype, th
         got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
     finally:
         torch.set_num_threads(previous)
-    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts_t), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t), x, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **TOL[dtype])
         return
-    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, counts_t),
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
     # Rounded at other places than the reference (the SwiGLU once, in fp32): compare errors over
     # whole tensors (norms), which are stable where single elements are not (cancellations)
@@ -201,13 +223,13 @@ def test_grouped_swiglu_extreme_gates():
     x, w13, w2 = _weights(counts, 8, 37, torch.float32, scale=60.0)
     counts_t = torch.tensor(counts)
     got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"](a, b, c, torch.tensor(counts)), x, w13, w2)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, torch.tensor(counts)), x, w13, w2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     inf = torch.tensor([[float("inf"), 100.0, -100.0, float("nan"), 1.0, 1.0, 1.0, 1.0]])
     eye13 = torch.eye(8).unsqueeze(0)  # h = 4: gates are the first 4 inputs, ups the last 4
     out = ops.grouped_swiglu(inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
-    ref = EXPERT_IMPLS["loop"](inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
+    ref = EXPERT_IMPLS["loop"].forward(inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 

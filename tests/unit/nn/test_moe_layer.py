@@ -3,11 +3,35 @@ import torch
 
 from moe import ops
 from moe.config import load_config
+from moe.nn.ffn import DenseFFN
 from moe.nn.moe_layer import MoELayer
+from tests.helpers import tiny_gpt_config
 
 
 def moe_cfg(*overrides):
     return load_config(None, ["model.vocab_size=10", "model.moe.num_experts=4", *overrides]).model.moe
+
+
+def test_one_expert_moe_equals_dense_forward_and_grads():
+    """A 1-expert top-1 MoE (softmax weight = 1) with copied weights is exactly the dense FFN."""
+    torch.manual_seed(0)
+    dense = DenseFFN(32, 64, 0.02, 0.02)
+    cfg = tiny_gpt_config("model.moe.num_experts=1", "model.moe.top_k=1", "model.moe.expert_hidden=64",
+                          "model.moe.aux_loss_coef=0", "model.moe.z_loss_coef=0").model.moe
+    moe = MoELayer(32, 64, cfg, 0.02, 0.02)
+    with torch.no_grad():
+        moe.experts.w13[0].copy_(dense.w13.weight)
+        moe.experts.w2[0].copy_(dense.w2.weight)
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    yd, ym = dense(x), moe(x2)
+    torch.testing.assert_close(ym, yd, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(yd)
+    yd.backward(g)
+    ym.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moe.experts.w13.grad[0], dense.w13.weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moe.experts.w2.grad[0], dense.w2.weight.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_capacity_drops_and_dropped_tokens_contribute_zero():

@@ -58,7 +58,7 @@ def test_output_is_score_weighted_sum_of_choosing_experts_and_unchosen_tokens_ge
     index = ops.build_routing_index(d.expert_indices, 4, C, d.priority)
     kept = index.dest_rows >= 0
     expected = torch.zeros(32, 16)
-    from moe.nn.experts import swiglu
+    from moe.nn.ffn import swiglu
     for t in range(32):
         for e in range(4):
             if kept[t, e]:

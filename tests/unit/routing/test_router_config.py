@@ -1,10 +1,13 @@
-"""Nonsensical router settings fail in validate() with a message naming the keys."""
+"""Nonsensical router settings fail in validate() with a message naming the keys; moe.routing's
+check_config checks them on its own."""
 import glob
 import os
 
 import pytest
 
-from moe.config import ConfigError, load_config, validate
+from moe.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig, load_config
+from moe.routing import ROUTERS, TopKRouter, check_config, check_router_name
+from moe.validate import validate
 
 from tests.helpers import ROOT
 MOE_YAML = os.path.join(ROOT, "experiments", "debug_moe.yaml")
@@ -89,6 +92,52 @@ def test_every_router_experiment_config_validates():
         cfg = load_config(path)
         validate(cfg)
         routers.add(cfg.model.moe.router)
-    from moe.routing import ROUTERS
-
     assert routers == set(ROUTERS)  # every family has an experiment
+
+
+# ------------------------------------------------------------------------ moe.routing.check_config
+
+
+def _model(**moe_kw):
+    return ModelConfig(moe=MoEConfig(**{"num_experts": 4, **moe_kw}))
+
+
+def test_check_config_accepts_every_router_family():
+    check_config(_model(router="topk"), ParallelConfig())
+    check_config(_model(router="switch", top_k=1), ParallelConfig(ep_size=2))
+    check_config(_model(router="expert_choice", capacity_factor=1.0, aux_loss_coef=0), ParallelConfig(ep_size=4))
+    check_config(_model(router="sinkhorn"), ParallelConfig())
+    check_config(_model(router="hash", aux_loss_coef=0), ParallelConfig())
+
+
+def test_check_config_refuses_an_unknown_router_but_not_for_a_dense_model():
+    with pytest.raises(ConfigError, match=r"^model\.moe\.router: unknown router 'nope'; known: expert_choice, hash, "
+                                          r"sinkhorn, switch, topk$"):
+        check_config(_model(router="nope"), ParallelConfig())
+    with pytest.raises(ConfigError, match=r"unknown router 'nope'"):
+        check_router_name(_model(router="nope").moe)
+    check_config(_model(router="nope", num_experts=0), ParallelConfig())
+    check_router_name(MoEConfig(router="nope"))
+
+
+def test_check_config_runs_the_family_checks_then_the_expert_parallel_layout():
+    with pytest.raises(ConfigError, match=r"^model\.moe\.router=switch sends each token to one expert"):
+        check_config(_model(router="switch", top_k=2), ParallelConfig(ep_size=3))  # the family's check first
+    with pytest.raises(ConfigError, match=r"^parallel\.ep_size \(3\) must divide model\.moe\.num_experts \(4\)$"):
+        check_config(_model(), ParallelConfig(ep_size=3))
+
+
+def test_check_config_refuses_expert_parallel_for_a_router_that_needs_every_rank():
+    class GlobalRouter(TopKRouter):
+        supports_expert_parallel = False
+        expert_parallel_reason = "it selects over the whole global batch"
+
+    ROUTERS["global_test"] = GlobalRouter
+    try:
+        check_config(_model(router="global_test"), ParallelConfig(ep_size=1))
+        with pytest.raises(ConfigError, match=r"^model\.moe\.router=global_test cannot run expert-parallel "
+                                              r"\(parallel\.ep_size=2\): it selects over the whole global batch; "
+                                              r"use parallel\.ep_size=1$"):
+            check_config(_model(router="global_test"), ParallelConfig(ep_size=2))
+    finally:
+        del ROUTERS["global_test"]

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from moe.config import ConfigError, load_config, validate
+from moe.config import ConfigError, load_config
 from moe.routing.switch import SwitchRouter
+from moe.validate import validate
 from tests.helpers import router
 
 

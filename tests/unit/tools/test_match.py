@@ -4,7 +4,8 @@ import pytest
 
 from moe.config import load_config
 from moe.tools.match import match_dense, param_counts
-from moe.nn.gpt import GPT, count_params
+from moe.nn.accounting import count_params
+from moe.nn.gpt import GPT
 
 from tests.helpers import ROOT
 

@@ -1,0 +1,74 @@
+"""The gradient norm and clipping under expert parallelism: every expert counted once.
+
+Each expert's gradient lives on the ranks of one EP position, so the global norm is
+sqrt(|g_nonexpert|^2 + sum over the EP group of |g_local_experts|^2). ZeRO 1/2 get this right (the
+squared partition norms are summed over the whole world, where every (expert, partition) is held by
+exactly one rank). Without ZeRO, DeepSpeed 0.19 gets it wrong under EP: fp32 averages the per-rank
+norms (`runtime/utils.clip_grad_norm_`) and bf16 leaves expert gradients out of the norm altogether
+(`FP16_UnfusedOptimizer.step`). `fix_engine_clipping` replaces both with the clipping below (through
+moe/parallel/deepspeed.py); `global_grad_norm` is the norm the loop logs.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from moe.parallel import deepspeed as ds
+
+# torch.distributed is imported in the functions (start-up time of commands that never use it).
+
+
+@torch.no_grad()
+def global_grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of the full model's gradient, every expert counted once. Call on every rank after the
+    gradients were reduced (non-expert ones over data parallel, expert ones over EDP) and before they
+    are clipped; a collective over the EP groups when there are expert parameters."""
+    import torch.distributed as dist
+
+    params = list(params)
+    is_expert = ds.is_expert_param
+    dense = [p.grad.detach().float().norm() ** 2 for p in params if p.grad is not None and not is_expert(p)]
+    total = torch.stack(dense).sum() if dense else torch.zeros(())
+    by_group: Dict[str, List[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None and is_expert(p):
+            by_group.setdefault(p.group_name, []).append(p.grad.detach().float().norm() ** 2)
+    for name in sorted(by_group):
+        sq = torch.stack(by_group[name]).sum().to(total.device)
+        dist.all_reduce(sq, group=ds.expert_parallel_group(name))
+        total = total + sq.to(total.device)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """DeepSpeed's clipping rule (coefficient min(1, max_norm / (norm + 1e-6))) on the EP-correct norm."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return norm
+
+
+def fix_engine_clipping(engine) -> None:
+    """Without ZeRO, DeepSpeed's clipping is wrong under EP (see the module docstring): route it
+    through the EP-correct norm. ZeRO 1/2 compute the norm correctly and are left alone."""
+    if engine.zero_optimization_stage() > 0 or engine.gradient_clipping() <= 0:
+        return
+    max_norm = engine.gradient_clipping()
+    if ds.wraps_low_precision(engine.optimizer):
+        # bf16/fp16 wrapper: clip the low-precision gradients here and let it copy them to fp32 unclipped
+        def clip_scaled(params: List[torch.Tensor], loss_scale: float) -> torch.Tensor:
+            norm = global_grad_norm(params) / loss_scale
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+            return norm
+
+        ds.replace_low_precision_clipping(engine.optimizer, clip_scaled)
+        return
+    ds.replace_fp32_clipping(engine, lambda: clip_grad_norm_(list(engine.module.parameters()), max_norm))

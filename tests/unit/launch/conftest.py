@@ -1,0 +1,26 @@
+"""Fixtures of the moe.launch unit tests (the shared ones are in tests/conftest.py)."""
+import os
+
+import pytest
+
+FAKE_SCONTROL = r"""#!/bin/bash
+# scontrol requeue JOB: appends "requeue JOB" to <bin>/scontrol.calls; fails with $FAKE_SCONTROL_ERROR on
+# stderr when it is set. scontrol -o show job JOB: prints <bin>/scontrol.out (one line per job), if present.
+bin=$(dirname "$0")
+echo "$@" >> "$bin/scontrol.calls"
+case $1 in
+  requeue)
+    if [[ -n ${FAKE_SCONTROL_ERROR:-} ]]; then echo "$FAKE_SCONTROL_ERROR" >&2; exit 1; fi ;;
+  -o)
+    cat "$bin/scontrol.out" 2>/dev/null || true ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_scontrol(fake_slurm):
+    """tests/conftest.py's fake Slurm commands plus a fake `scontrol` (see FAKE_SCONTROL); the bin folder."""
+    path = fake_slurm / "scontrol"
+    path.write_text(FAKE_SCONTROL)
+    os.chmod(path, 0o755)
+    return fake_slurm
