@@ -4,12 +4,12 @@
                                [key=value ...]
 
 Builds both models from their experiment configs (default: the quickstart pair), each in its
-DeepSpeed engine as `moe train` builds it (moe/parallel/__init__.py `build_engine`: AdamW, clipping, the LR
+DeepSpeed engine as `moe train` builds it (moe/parallel/engine.py `build_engine`: AdamW, clipping, the LR
 schedule), then times full training steps through `moe/train/step.py` `optimizer_step`, the step
 `moe train` runs (forward, backward, gradient norm, engine step, router updates), on the same random
 token batches, alternating dense and MoE step by step so machine noise hits both alike. Reports tokens/s of each and the ratio.
 Overrides (key=value) apply to both configs, e.g. `train.micro_batch_size=16`; `train.compile=true`
-times both models torch.compile-d (moe/parallel/__init__.py `apply_compile`). Freed memory is kept
+times both models torch.compile-d (moe/parallel/engine.py `apply_compile`). Freed memory is kept
 for reuse as `moe train` does (train.keep_freed_memory); --system-alloc keeps glibc's default.
 """
 from __future__ import annotations

@@ -82,6 +82,12 @@ def atomic_write(path: str, data: Union[str, bytes], mode: Optional[int] = None,
     fsync_dir(folder)
 
 
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The files of one run folder, `<run.root>/<run.name>/`. Their names are part of the on-disk
@@ -96,22 +102,22 @@ class RunFolder:
     @property
     def config(self) -> str:
         """config.yaml: the resolved config the run trains with (secrets redacted)."""
-        return os.path.join(self.path, "config.yaml")
+        return os.path.join(self.path, CONFIG_FILE)
 
     @property
     def metrics(self) -> str:
         """metrics.jsonl: one JSON record per logged step or evaluation."""
-        return os.path.join(self.path, "metrics.jsonl")
+        return os.path.join(self.path, METRICS_FILE)
 
     @property
     def summary(self) -> str:
         """summary.json: status (running, finished, preempted, failed), sizes and final losses."""
-        return os.path.join(self.path, "summary.json")
+        return os.path.join(self.path, SUMMARY_FILE)
 
     @property
     def checkpoints(self) -> str:
         """checkpoints/: one folder per saved step and the `latest` pointer."""
-        return os.path.join(self.path, "checkpoints")
+        return os.path.join(self.path, CHECKPOINTS_DIR)
 
 
 class RunLock:

@@ -459,3 +459,85 @@ def check_forward(cfg):
     x = torch.randint(0, model.cfg.vocab_size, (2, min(8, m.max_seq_len)))
     out = model(x, x)
     assert torch.isfinite(out.loss) and torch.isfinite(out.aux_loss), (out.loss, out.aux_loss)
+
+
+# ---- one real DeepSpeed engine in a child process; a 1-process gloo group in this one (tests/unit/train)
+ENGINE_PRELUDE = '''
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from moe.config import load_config, to_yaml
+from moe.data import BatchSampler
+from moe.train.build import build_training
+from moe.train.step import optimizer_step
+
+OUT, CORPUS, CACHE = sys.argv[1:4]
+TINY = ["model.d_model=32", "model.ffn_hidden=64", "model.moe.expert_hidden=32", "train.seq_len=32",
+        "logging.wandb.mode=disabled", f"data.dataset={CORPUS}", f"data.cache_dir={CACHE}"]
+
+
+def config(*overrides, yaml="debug_moe.yaml"):
+    return load_config(os.path.join(%(root)r, "experiments", yaml), [*TINY, *overrides])
+
+
+def sampler_of(setup, cfg):
+    return BatchSampler(setup.data.train, cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1, seed=cfg.run.seed)
+
+
+def step(setup, sampler, **kw):
+    return optimizer_step(setup.engine, setup.model, sampler.next_batch, setup.accum, setup.dist_info.device,
+                          setup.dtype, **kw)
+
+
+def dump(name, obj):
+    with open(os.path.join(OUT, name + ".json"), "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_tensors(name, tensors):
+    save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()},
+              os.path.join(OUT, name + ".safetensors"))
+'''
+
+
+def run_engine_script(out_dir, body: str, corpus: str, data_cache: str, timeout: int = 240) -> str:
+    """Run ENGINE_PRELUDE + `body` in a fresh Python process (DeepSpeed and torch.distributed keep
+    process-global state): `config(*overrides)` (debug_moe.yaml shrunk, on `corpus`), `sampler_of`,
+    `step`, `dump(name, obj)` (OUT/name.json), `save_tensors(name, dict)` (OUT/name.safetensors).
+    Returns out_dir (created); fails with the child's output when it exits non-zero."""
+    import textwrap
+
+    os.makedirs(out_dir, exist_ok=True)
+    script = os.path.join(out_dir, "script.py")
+    with open(script, "w") as f:
+        f.write(ENGINE_PRELUDE % {"root": ROOT} + "\n" + textwrap.dedent(body))
+    env = training_env({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a world of one, on a free port
+    proc = subprocess.run([sys.executable, script, str(out_dir), corpus, data_cache], cwd=str(out_dir), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return str(out_dir)
+
+
+def single_process_group(tmp_path):
+    """A context manager: a 1-process gloo group for code that all-reduces, destroyed on exit (one
+    that is already initialised is used as it is and left alone)."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    @contextlib.contextmanager
+    def group():
+        if dist.is_initialized():
+            yield
+            return
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg-{os.getpid()}-{time.time_ns()}",
+                                rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    return group()

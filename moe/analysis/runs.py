@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from moe.errors import MoeError
+from moe.io import METRICS_FILE, SUMMARY_FILE
 
 __all__ = [
     "SUMMARY_FILE",
@@ -40,8 +41,6 @@ __all__ = [
     "load_run",
 ]
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 SWEEP_FILE = "sweep.json"  # the manifest `moe sweep` writes into a sweep folder
 
 # The keys of summary.json a RunRecord carries in ``stats`` (besides "status"), in table order.

@@ -211,7 +211,7 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics line every n steps."""
     compile: bool = False
-    """torch.compile each transformer block (moe/parallel/__init__.py `apply_compile`): the first training step
+    """torch.compile each transformer block (moe/parallel/engine.py `apply_compile`): the first training step
     and the first evaluation compile (seconds to a minute), later steps run the compiled code. Losses
     and router statistics equal eager's to rounding, except that routers drawing random numbers
     (noisy_gating, jitter_eps, random_routing) draw other numbers than eager does."""
@@ -229,7 +229,7 @@ class ParallelConfig:
     """Expert-parallel size: each MoE layer's experts are split over groups of this many consecutive
     ranks (E/ep_size experts per rank, tokens exchanged with all_to_all); the world is data parallel
     for everything else. Must divide model.moe.num_experts and the world size. Checkpoints are
-    layout-free: a run may resume at another ep_size (moe/parallel/expert.py, moe/train/checkpoint/__init__.py)."""
+    layout-free: a run may resume at another ep_size (moe/parallel/expert.py, moe/train/checkpoint/)."""
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on GPU, gloo on CPU), `gloo` or `nccl`."""
     timeout_s: int = 600

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-from moe.io import redact
+from moe.io import RunFolder, redact
 from moe.launch.base import Launcher
 from moe.launch.options import LaunchOptions, Task
 from moe.launch.run_folder import prepare_run_dirs, record_launch, write
@@ -93,7 +93,7 @@ def _stopped_status(task: Task, stop_signal: int, code: int, started: float) -> 
 
 def _summary_status(run_dir: str, since: float) -> Optional[str]:
     """The status in the run's summary.json if the trainer wrote it after `since`, else None."""
-    path = os.path.join(run_dir, "summary.json")
+    path = RunFolder(run_dir).summary
     try:
         if os.path.getmtime(path) < since:
             return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from moe.config import Config, ConfigError, load_config
-from moe.io import SECRET_NAME
+from moe.io import SECRET_NAME, RunFolder
 from moe.launch.errors import LaunchError
 from moe.launch.cluster import slurm_partitions
 from moe.train.run_dir import check_run_dir
@@ -64,7 +64,7 @@ class Task:
 
     @property
     def config_path(self) -> str:
-        return os.path.join(self.run_dir, "config.yaml")
+        return RunFolder(self.run_dir).config
 
 
 def parse_array_spec(spec: str) -> Tuple[List[int], Optional[int]]:

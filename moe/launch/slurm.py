@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from typing import List, Mapping, Optional, Sequence
 
-from moe.io import redact
+from moe.io import RunFolder, redact
 from moe.launch.base import Launcher
 from moe.launch.cluster import have, wait_for_job
 from moe.launch.errors import LaunchError
@@ -95,7 +95,7 @@ def wait_and_summarise(job_id: str, tasks: List[Task]) -> bool:
     """Wait for the job to end and print each run's final state; True if every task completed."""
     ok = wait_for_job(job_id)
     for t in tasks:
-        summary = os.path.join(t.run_dir, "summary.json")
+        summary = RunFolder(t.run_dir).summary
         if os.path.isfile(summary):
             s = json.load(open(summary))
             print(f"[moe launch] {t.cfg.run.name}: {s.get('status')}, step {s.get('steps')}, "

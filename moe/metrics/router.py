@@ -32,7 +32,7 @@ def router_metrics(layers: Dict[int, MoELayer]) -> Dict[str, Any]:
     if not active:
         return {}
     # each layer's stats are already one vector: [counts E | dropped, slots, dropped_tokens, tokens,
-    # entropy, calls, lse2 | losses] (moe/nn/moe_layer.py RouterStats)
+    # entropy, calls, lse2 | losses] (moe/nn/stats.py RouterStats)
     loss_names = [list(layer.stats.loss_names) for _, layer in active]
     packed = torch.cat([layer.stats.packed for _, layer in active])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

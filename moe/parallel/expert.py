@@ -24,7 +24,7 @@ micro-batch (aux-loss-free bias, global-batch loss) is reduced over the whole wo
 moe/routing/balancing.py; so every router and balancing method of the registry runs unchanged, and
 EP=N gives the model of EP=1 at the same world size and micro batch. A router whose decision needs the
 tokens of other ranks would declare `supports_expert_parallel = False` (and `expert_parallel_reason`)
-and `moe.config.validate` rejects it with ep_size > 1.
+and `moe.validate.validate` rejects it with ep_size > 1.
 
 Gradient scale (why EP=N is the same model as EP=1). The objective is the mean over the W ranks of
 their micro-batch losses. Backward through the exchange gives expert e, on the rank that holds it,

@@ -68,6 +68,8 @@ def parse_layout(spec: str, default_nproc: Optional[int]) -> Tuple[Optional[int]
             raise ParityError(f"layout {spec!r}: expected key=value, got {part!r}")
         key, value = part.split("=", 1)
         if key in ("nproc", "np"):
+            if not value.strip().lstrip("-").isdigit():
+                raise ParityError(f"layout {spec!r}: nproc must be an integer, got {value!r}")
             nproc = int(value)
         else:
             overrides.append(f"{ALIASES.get(key, key)}={value}")
@@ -189,7 +191,9 @@ def compare(results: List[Tuple[str, Dict[str, Any]]], tolerance: float, out=sys
     ref_name, ref = results[0]
     failures = []
     cols = ["loss", "aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss", "grad_norm"]
-    used = [c for c in cols if c in ("loss", "grad_norm") or any(r[c] for r in ref["steps"])]
+    # a loss column zero in every layout (its coefficient is 0) is left out of the table; one that is
+    # non-zero in any layout stays, so a loss that appears only in some layout is a difference
+    used = [c for c in cols if c in ("loss", "grad_norm") or any(r[c] for _, res in results for r in res["steps"])]
     width = max(24, max(len(n) for n, _ in results) + 2)
     header = f"{'step':>4}  {'layout':<{width}}" + "".join(f"{c:>25}" for c in used) + f"{'tokens/expert':>15}"
     print(f"reference: {ref_name}; columns: value (relative difference to the reference)", file=out)

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from moe.config import ConfigError, folder_name_error, load_config
-from moe.io import atomic_write
+from moe.io import RunFolder, atomic_write
 from moe.launch import active_array_tasks, check_options, check_tasks, submit, wait_for_job
 from moe.metrics import training_env
 from moe.validate import validate
@@ -155,7 +155,7 @@ def load_sweep(path: str, runs_root: str = "runs", world_size: int = 1) -> Sweep
 
 def run_status(run_dir: str) -> str:
     """finished | unfinished | missing (judged from summary.json)."""
-    path = os.path.join(run_dir, "summary.json")
+    path = RunFolder(run_dir).summary
     if not os.path.isfile(path):
         return "missing"
     try:

@@ -1,10 +1,13 @@
+"""`moe sweep` end to end: shipped sweeps validate, tiny sweeps train, report and rerun, failed runs are
+reported, and `--slurm` against fake Slurm commands. The pure unit tests of moe/tools/sweep.py are in
+tests/unit/tools/test_sweep.py."""
 import json
 import os
 
 import pytest
 
 from moe.config import ConfigError
-from moe.tools.sweep import load_sweep, wandb_sweep_config
+from moe.tools.sweep import load_sweep
 from tests.helpers import ROOT, read_offline_run, run_moe
 
 
@@ -13,49 +16,10 @@ def write(path, text):
     return str(path)
 
 
-def test_grid_names_are_deterministic(workdir):
-    sweep = load_sweep(str(workdir / "experiments" / "sweeps" / "debug_grid.yaml"), runs_root=str(workdir / "runs"))
-    names = [r.name for r in sweep.runs]
-    assert names == ["top_k=1,aux_loss_coef=0.0", "top_k=1,aux_loss_coef=0.01",
-                     "top_k=2,aux_loss_coef=0.0", "top_k=2,aux_loss_coef=0.01"]
-    assert names == [r.name for r in load_sweep(sweep.path, runs_root=str(workdir / "runs")).runs]
-
-
-def test_variants_and_seeds(workdir):
-    path = write(workdir / "s.yaml", "base: experiments/debug_moe.yaml\nvariants:\n"
-                 "  - {model.moe.router: topk}\n  - {model.moe.num_experts: 0}\nseeds: [1, 2]\n")
-    sweep = load_sweep(path)
-    assert len(sweep.runs) == 4
-    assert {r.overrides["run.seed"] for r in sweep.runs} == {1, 2}
-    assert [r.name for r in sweep.runs] == ["router=topk,seed=1", "router=topk,seed=2",
-                                            "num_experts=0,seed=1", "num_experts=0,seed=2"]
-
-
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "experiments", "sweeps"))))
 def test_every_shipped_sweep_validates(workdir, name):
     sweep = load_sweep(str(workdir / "experiments" / "sweeps" / name), runs_root=str(workdir / "runs"))
     assert sweep.runs and len({r.name for r in sweep.runs}) == len(sweep.runs)
-
-
-@pytest.mark.parametrize("text,match", [
-    ("base: experiments/debug_moe.yaml\ngrid:\n  model.moe.topk: [1, 2]\n", r"topk"),
-    ("base: experiments/debug_moe.yaml\ngrid:\n  model.moe.top_k: []\n", r"non-empty list"),
-    ("base: experiments/debug_moe.yaml\n", r"empty sweep"),
-    ("base: experiments/debug_moe.yaml\ngrid:\n  model.moe.top_k: [1, 9]\n", r"top_k=9.*model\.moe\.top_k"),
-    ("grid:\n  model.moe.top_k: [1]\n", r"base"),
-    ("base: experiments/debug_moe.yaml\ngird: {}\n", r"unknown sweep keys.*gird"),
-])
-def test_bad_sweeps_fail_before_running(workdir, text, match):
-    with pytest.raises(ConfigError, match=match):
-        load_sweep(write(workdir / "bad.yaml", text))
-
-
-def test_wandb_export(workdir):
-    sweep = load_sweep(str(workdir / "experiments" / "sweeps" / "debug_grid.yaml"))
-    cfg = wandb_sweep_config(sweep)
-    assert cfg["method"] == "grid"
-    assert cfg["parameters"]["model.moe.top_k"] == {"values": [1, 2]}
-    assert "${args_no_hyphens}" in cfg["command"]
 
 
 @pytest.mark.slow

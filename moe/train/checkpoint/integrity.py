@@ -23,6 +23,7 @@ import torch
 
 from moe.config import config_from_yaml_text
 from moe.errors import CheckpointError, CheckpointNotFound, ConfigError
+from moe.io import RunFolder
 from moe.train.checkpoint.folders import (FORMAT, LEGACY_MODEL_FILE, READABLE_VERSIONS, STEP_DIR, TRAINER, TRAINER_V1,
                                           list_steps, problems_brief, read_latest, step_tag)
 from moe.train.checkpoint.manifest import check_manifest
@@ -214,7 +215,7 @@ def resolve_step_dir(path: str) -> str:
     with `latest` missing, the newest step folder)."""
     if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE)):
         return path
-    for ckpt_dir in (path, os.path.join(path, "checkpoints")):
+    for ckpt_dir in (path, RunFolder(path).checkpoints):
         if os.path.isfile(os.path.join(ckpt_dir, "latest")) or list_steps(ckpt_dir):
             tag, note = find_resume(ckpt_dir)
             if note:
