@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from moe.config.schema import (Config, ModelConfig, MoEConfig, RunConfig, dense_ffn_hidden, expert_hidden,
-                               global_batch_size, moe_layer_ids)
+from moe.config.schema import (Config, ModelConfig, MoEConfig, RunConfig, attention_heads, dense_ffn_hidden,
+                               expert_hidden, global_batch_size, moe_layer_ids)
 from moe.errors import ConfigError
 
 
@@ -63,6 +63,8 @@ RANGES: Dict[str, Range] = {
     "model.d_model": Range(1, 2**16),
     "model.n_layers": Range(1, 2**10),
     "model.n_heads": Range(1, 2**16),
+    "model.n_kv_heads": Range(0, 2**16, why="0 = model.n_heads"),
+    "model.head_dim": Range(0, 2**16, why="0 = model.d_model / model.n_heads"),
     "model.ffn_hidden": Range(0, 2**18, why="0 = 8/3 x model.d_model"),
     "model.max_seq_len": Range(1, 2**20, why="the RoPE tables have this many rows"),
     "model.rope_theta": Range(1, 1e12, lo_open=True, why="the RoPE frequencies theta**(-2i/d) fall only for theta > 1"),
@@ -87,6 +89,7 @@ RANGES: Dict[str, Range] = {
     "model.moe.capacity_factor": Range(0, 2**16, why="0 = dropless"),
     "model.moe.eval_capacity_factor": Range(0, 2**16, why="0 = dropless"),
     "model.moe.min_capacity": Range(0, 2**31 - 1),
+    "model.moe.routed_scaling_factor": Range(0, 1000, lo_open=True),
     # data
     "data.bpe_vocab_size": Range(0, 2**24),
     "data.max_bytes": Range(0, 2**50, why="0 = all"),
@@ -119,6 +122,8 @@ RANGES: Dict[str, Range] = {
     "run.seed": Range(0, 2**32 - 1, why="numpy's seed range"),
 }
 
+QK_NORMS = ("none", "head", "proj")
+"""model.qk_norm: none, per head over head_dim (Qwen3), over the whole q and k projections (OLMoE)."""
 MAX_PARAMS = 2**40
 """More parameters than this (4 TiB in fp32) is a typo in a size, refused before anything is allocated."""
 MAX_ROPE_ENTRIES = 2**30
@@ -165,10 +170,10 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_model_shape(m: ModelConfig) -> None:
-    """Heads that divide d_model into even (RoPE) head sizes, a RoPE table and a parameter count of sane size."""
-    _check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    head = m.d_model // m.n_heads
-    _check(head % 2 == 0, f"model.d_model / model.n_heads must be even for RoPE, got {head}")
+    """Attention heads of even (RoPE) width, key/value heads that divide the query heads, a known
+    QK-norm, a RoPE table and a parameter count of sane size."""
+    check_attention(m)
+    _, _, head = attention_heads(m)
     rope = m.max_seq_len * head
     _check(rope <= MAX_ROPE_ENTRIES,
            f"model.max_seq_len ({m.max_seq_len}) x head size ({head}) = {rope} RoPE table entries, more than "
@@ -179,13 +184,30 @@ def check_model_shape(m: ModelConfig) -> None:
            f"model.vocab_size, model.ffn_hidden or model.moe.num_experts / expert_hidden")
 
 
+def check_attention(m: ModelConfig) -> None:
+    if m.head_dim == 0:
+        _check(m.d_model % m.n_heads == 0,
+               f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
+        _check((m.d_model // m.n_heads) % 2 == 0,
+               f"model.d_model / model.n_heads must be even for RoPE, got {m.d_model // m.n_heads}")
+    else:
+        _check(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
+    n_kv = m.n_kv_heads or m.n_heads
+    _check(n_kv <= m.n_heads and m.n_heads % n_kv == 0,
+           f"model.n_kv_heads ({n_kv}) must divide model.n_heads ({m.n_heads}): each key/value head serves "
+           f"an equal group of query heads")
+    _check(m.qk_norm in QK_NORMS, f"model.qk_norm must be one of {', '.join(QK_NORMS)}, got {m.qk_norm!r}")
+
+
 def _params_upper_bound(m: ModelConfig) -> int:
     """At least the model's parameter count, from the config alone (moe/tools/match.py counts it exactly,
     but needs the vocabulary; an unresolved one, 0, counts nothing here)."""
     d, e = m.d_model, m.moe
+    n_heads, n_kv, head = m.n_heads, m.n_kv_heads or m.n_heads, m.head_dim or max(1, m.d_model // m.n_heads)
+    attention = d * (n_heads + 2 * n_kv) * head + n_heads * head * d + 2 * (n_heads + n_kv) * head
     dense = 3 * d * dense_ffn_hidden(m)
     moe = (e.num_experts + e.num_shared_experts) * 3 * d * expert_hidden(m) + e.num_experts * d
-    per_layer = 4 * d * d + 2 * d + max(dense, moe if e.num_experts else 0)
+    per_layer = attention + 2 * d + max(dense, moe if e.num_experts else 0)
     return m.n_layers * per_layer + m.vocab_size * d * (1 if m.tie_embeddings else 2) + d
 
 

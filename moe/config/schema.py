@@ -7,7 +7,7 @@ moe/config/checks.py checks its fields, and moe/validate.py adds each component'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -111,6 +111,11 @@ class MoEConfig:
     Dropped (token, expert) pairs contribute nothing: a token with no kept expert passes through the
     residual path unchanged."""
 
+    # --- combine
+    routed_scaling_factor: float = 1.0
+    """Multiply the routed experts' gate weights by this before the combine (DeepSeek-V3: 2.5 with
+    sigmoid scores, whose renormalised gates sum to 1); shared experts are not scaled."""
+
     # --- backends
     dispatch: str = "auto"
     """Token permutation backend: `auto` (compiled extension when built, else reference),
@@ -131,7 +136,19 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 4
-    """Attention heads; d_model must divide by it."""
+    """Attention (query) heads; d_model must divide by it unless head_dim is set."""
+    n_kv_heads: int = 0
+    """Key/value heads; 0 = n_heads (multi-head attention). Fewer gives grouped-query attention
+    (Mixtral, Qwen3: each group of n_heads / n_kv_heads query heads shares one key/value head), 1
+    multi-query attention; it must divide n_heads. The KV cache holds n_kv_heads heads."""
+    head_dim: int = 0
+    """Width of one attention head; 0 = d_model / n_heads. Setting it decouples the heads from the
+    width (Qwen3: 128 at any d_model): queries project to n_heads x head_dim, keys and values to
+    n_kv_heads x head_dim, and the output projection back to d_model. Must be even (RoPE)."""
+    qk_norm: str = "none"
+    """RMSNorm of the queries and keys before RoPE: `none`; `head` (over each head's head_dim, one
+    weight of head_dim for all heads: Qwen3); `proj` (over the whole query and key projections, of
+    n_heads x head_dim and n_kv_heads x head_dim: OLMoE)."""
     ffn_hidden: int = 0
     """Hidden size of the dense SwiGLU FFN; 0 means 8/3 * d_model rounded up to a multiple of 16."""
     max_seq_len: int = 1024
@@ -300,6 +317,13 @@ def dense_ffn_hidden(m: ModelConfig) -> int:
     if m.ffn_hidden > 0:
         return m.ffn_hidden
     return ((8 * m.d_model // 3) + 15) // 16 * 16
+
+
+def attention_heads(m: ModelConfig) -> Tuple[int, int, int]:
+    """(query heads, key/value heads, head width) with the 0 defaults resolved."""
+    n_kv = m.n_kv_heads if m.n_kv_heads > 0 else m.n_heads
+    head_dim = m.head_dim if m.head_dim > 0 else m.d_model // m.n_heads
+    return m.n_heads, n_kv, head_dim
 
 
 def expert_hidden(m: ModelConfig) -> int:

@@ -103,6 +103,10 @@ def wait_and_summarise(job_id: str, tasks: List[Task]) -> bool:
     return ok
 
 
+REQUEUE_DRAIN_S = 2.0
+"""Seconds between the last line a stopped run prints and the requeue that ends the job."""
+
+
 class SlurmJob:
     """The JobControl of a process inside Slurm job `job_id`: a stopped run is requeued."""
 
@@ -115,6 +119,9 @@ class SlurmJob:
         """`scontrol requeue` this job (Slurm then ends every process of it, and its next start
         resumes from the latest checkpoint); returns the line to print."""
         job = self.job_id
+        # the job's log is torchrun's copy of each rank's output, read a moment later: the requeue
+        # kills that reader at once, so give it time to copy the lines just printed (the stop)
+        time.sleep(REQUEUE_DRAIN_S)
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         return (f"[moe] requeued Slurm job {job}" if proc.returncode == 0 else
                 f"[moe] scontrol requeue {job} failed: {proc.stderr.strip()}")

@@ -2,6 +2,12 @@
 
 token embedding -> n_layers x [RMSNorm -> causal self-attention (RoPE, SDPA) -> residual,
 RMSNorm -> FFN (dense SwiGLU or MoELayer) -> residual] -> RMSNorm -> LM head (optionally tied).
+
+Attention is multi-head, grouped-query (model.n_kv_heads < n_heads: each key/value head serves
+n_heads / n_kv_heads query heads) or multi-query, with a head width independent of d_model
+(model.head_dim) and optional RMSNorm of queries and keys before RoPE (model.qk_norm: per head as
+Qwen3, or over the whole projection as OLMoE). With the defaults the projection is one fused
+[3 d, d] matrix, as it always was.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import ModelConfig, dense_ffn_hidden, expert_hidden, moe_layer_ids
+from moe.config import ModelConfig, attention_heads, dense_ffn_hidden, expert_hidden, moe_layer_ids
 from moe.nn.ffn import DenseFFN
 from moe.nn.moe_layer import MoELayer
 
@@ -38,11 +44,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: [B, H, max_len, hd] per layer."""
+    """Keys and values of every layer for incremental decoding: [B, n_kv_heads, max_len, hd] per layer."""
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device, dtype) -> None:
-        shape = (batch, n_heads, max_len, head_dim)
+        shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
@@ -51,19 +57,44 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, out_std: float) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = attention_heads(cfg)
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # one fused projection [queries; keys; values] (the names and shapes of the MHA model)
+        self.qkv = nn.Linear(cfg.d_model, q_width + 2 * kv_width, bias=False)
+        self.proj = nn.Linear(q_width, cfg.d_model, bias=False)
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
         nn.init.normal_(self.proj.weight, std=out_std)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=cfg.norm_eps)
+
+    def _project(self, x):
+        """q [B, H, S, hd], k and v [B, H_kv, S, hd], QK-normed, before RoPE."""
+        B, S, _ = x.shape
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        """Key/value heads repeated for their group of query heads ([B, H_kv, ...] -> [B, H, ...])."""
+        group = self.n_heads // self.n_kv_heads
+        return t if group == 1 else t.repeat_interleave(group, dim=1)
 
     def forward(self, x, cos, sin, layer_id: int, cache: Optional[KVCache], start_pos: int):
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, S, _ = x.shape
+        q, k, v = self._project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True)
         else:
             end = start_pos + S
             cache.k[layer_id][:B, :, start_pos:end] = k
@@ -71,8 +102,8 @@ class Attention(nn.Module):
             keys, values = cache.k[layer_id][:B, :, :end], cache.v[layer_id][:B, :, :end]
             # query i sits at absolute position start_pos + i and may see keys 0..start_pos + i
             mask = torch.ones(S, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+            y = F.scaled_dot_product_attention(q, self._expand(keys), self._expand(values), attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -120,7 +151,7 @@ class GPT(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=cfg.init_std)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(attention_heads(cfg)[2], cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -57,6 +57,8 @@ class MoELayer(nn.Module):
             expert_indices = torch.where(decision.slot_mask, expert_indices, torch.full_like(expert_indices, E))
             gate_weights = gate_weights * decision.slot_mask
             num_buckets = E + 1
+        if self.cfg.routed_scaling_factor != 1.0:
+            gate_weights = gate_weights * self.cfg.routed_scaling_factor
         backend = self.dispatch_backend
         capacity = self.capacity(flat.shape[0])
         index = ops.build_routing_index(expert_indices, num_buckets, capacity, decision.priority, backend=backend)

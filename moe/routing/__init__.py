@@ -9,6 +9,21 @@ hash           a fixed hash of the token id (Hash Layers, Roller et al. 2021)
 
 `check_config` checks a config's routing knobs (moe.validate calls it): each family checks its own
 in `validate_config`.
+
+Where the routers follow megatron-core (tests/unit/routing compare against its functions): softmax
+before top-k, softmax after top-k, sigmoid scores renormalised over the chosen k, the aux-loss-free
+bias used for selection only, group-limited top-k, the routed scaling factor on the gate weights
+(`model.moe.routed_scaling_factor`), and the balancing losses counting the unbiased top-k of the
+scores (`Router.balance_indices`). Where they differ, on purpose:
+
+- the score normalisers' floor is fp32's smallest normal number, not 1e-20, so a sigmoid router
+  cannot push every score below the floor and the balancing loss towards 0 (megatron-core #1545);
+- sinkhorn: the gate weights are `score_func` of the logits (renormalised as in topk); megatron-core
+  uses sigmoid(logit) at top-1 and the unrenormalised softmax at top-k > 1, and refuses an aux loss;
+- group-limited routing with softmax + renormalize: a group's score sums the softmax scores of its
+  best experts; megatron-core's post-softmax path sums raw logits there. The two rules can rank groups
+  differently (a sum of probabilities is not monotone in a sum of logits); we keep one rule, on the
+  scores, for every score function.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ from moe.errors import ConfigError
 from moe.ops import expert_counts
 from moe.routing import losses as L
 
+_TINY = torch.finfo(torch.float32).tiny
+"""The floor of every score normaliser (fp32's smallest normal number): it only guards 0 / 0."""
+
 
 @dataclass
 class RoutingDecision:
@@ -145,27 +148,39 @@ class Router(nn.Module):
         """Gate weights from the (unbiased) scores of the chosen experts [T, k]."""
         k = chosen_scores.shape[-1]
         if self.cfg.renormalize or (self.cfg.score_func == "sigmoid" and k > 1):
-            return chosen_scores / chosen_scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            return chosen_scores / chosen_scores.sum(dim=-1, keepdim=True).clamp_min(_TINY)
         return chosen_scores
 
     # ---------------------------------------------------------------------------------- balancing
 
     def balance_probs(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores normalised over experts (so each balancing loss is 1 at perfect balance)."""
+        """Scores normalised over experts (so each balancing loss is 1 at perfect balance). The floor
+        of the sigmoid normaliser is fp32's smallest normal number, not megatron-core's 1e-20: with
+        1e-20 a router can drive every score below it and the balancing loss towards 0 instead of
+        balancing (megatron-core issue #1545, OLMo-core PR #255)."""
         if self.cfg.score_func == "softmax":
             return scores
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+
+    def balance_indices(self, d: RoutingDecision) -> torch.Tensor:
+        """The experts the balancing losses count for f_e: the top-k of the scores themselves, as
+        megatron-core and the DeepSeek-V3 paper count them. The selection after the aux-loss-free
+        bias or the group limit is what the bias already balances; counting it would make the loss
+        and the bias pull on each other (with neither active the two are the same)."""
+        if self.expert_bias is None and self.cfg.n_groups == 0:
+            return d.expert_indices
+        return torch.topk(d.scores, d.expert_indices.shape[-1], dim=-1).indices
 
     def balancing_losses(self, d: RoutingDecision, num_sequences: int) -> Dict[str, torch.Tensor]:
         c, E = self.cfg, self.num_experts
         out: Dict[str, torch.Tensor] = {}
         if c.aux_loss_coef > 0 or c.seq_aux_loss_coef > 0 or c.global_aux_loss_coef > 0:
-            probs = self.balance_probs(d.scores)
+            probs, counted = self.balance_probs(d.scores), self.balance_indices(d)
             if c.aux_loss_coef > 0:
-                out["aux_loss"] = c.aux_loss_coef * L.load_balancing_loss(probs, d.expert_indices, E)
+                out["aux_loss"] = c.aux_loss_coef * L.load_balancing_loss(probs, counted, E)
             if c.seq_aux_loss_coef > 0:
                 out["seq_aux_loss"] = c.seq_aux_loss_coef * L.sequence_load_balancing_loss(
-                    probs, d.expert_indices, E, num_sequences)
+                    probs, counted, E, num_sequences)
             if c.global_aux_loss_coef > 0:
                 out["global_aux_loss"] = c.global_aux_loss_coef * L.global_load_balancing_loss(
                     probs, self.global_load, E)

@@ -54,5 +54,5 @@ class HashRouter(Router):
         ranking = hash_scores(token_ids.to(x.device), self.num_experts, self.cfg.hash_seed)
         expert_indices = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[:, :self.top_k]
         chosen = scores.gather(1, expert_indices)
-        gate_weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        gate_weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         return self.token_choice_decision(expert_indices, gate_weights, logits, scores)

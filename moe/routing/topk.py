@@ -50,7 +50,7 @@ class TopKRouter(Router):
     @torch.no_grad()
     def _random_routing_mask(gate_weights: torch.Tensor) -> torch.Tensor:
         """GShard: keep the weaker of the two experts with probability min(1, 2 * g2 / (g1 + g2))."""
-        g = gate_weights / gate_weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        g = gate_weights / gate_weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         weaker = g.argmin(dim=-1, keepdim=True)
         keep = torch.rand(g.shape[0], 1, device=g.device) < 2 * g.gather(1, weaker)
         mask = torch.ones_like(g, dtype=torch.bool)

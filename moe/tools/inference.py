@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from moe.config import ConfigError, config_from_yaml_text
+from moe.config import ConfigError, attention_heads, config_from_yaml_text
 from moe.data import load_saved_tokenizer
 from moe.io import RunFolder
 from moe.nn.gpt import GPT, KVCache
@@ -70,7 +70,8 @@ def generate(model: GPT, prompt_ids: list, max_new_tokens: int, temperature: flo
     cfg = model.cfg
     max_len = min(cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
     prompt_ids = prompt_ids[-(cfg.max_seq_len - 1):]
-    cache = KVCache(cfg.n_layers, 1, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads, device,
+    _, n_kv_heads, head_dim = attention_heads(cfg)
+    cache = KVCache(cfg.n_layers, 1, n_kv_heads, max_len, head_dim, device,
                     next(model.parameters()).dtype)
     tokens = list(prompt_ids)
     logits = model(torch.tensor([tokens], device=device), cache=cache, start_pos=0).logits[0, -1]

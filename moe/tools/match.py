@@ -9,34 +9,21 @@ from __future__ import annotations
 import copy
 from typing import Dict, Tuple
 
-from moe.config import Config, ModelConfig, dense_ffn_hidden, expert_hidden, moe_layer_ids
+import torch
+
+from moe.config import Config, ModelConfig
+from moe.nn.accounting import count_params
+from moe.nn.gpt import GPT
 
 
 def param_counts(m: ModelConfig) -> Dict[str, int]:
-    """Parameter counts from the config alone (no model is built; equals count_params(GPT(m)))."""
+    """Parameter counts of the model `m` describes: built on the meta device (no memory, no init
+    cost, seconds even for Mixtral-8x7B) and counted as training counts them (`count_params`)."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (e.g. 257 for the bytes tokenizer) to count parameters")
-    d, L = m.d_model, m.n_layers
-    moe_ids = set(moe_layer_ids(m))
-    total = active = 0
-    for i in range(L):
-        common = 4 * d * d + 2 * d  # attention projections + two RMSNorm weights
-        total += common
-        active += common
-        if i in moe_ids:
-            e = m.moe
-            per_expert = 3 * d * expert_hidden(m)
-            routed = e.num_experts * per_expert
-            shared = e.num_shared_experts * per_expert
-            router = e.num_experts * d
-            total += routed + shared + router
-            active += e.top_k * per_expert + shared + router
-        else:
-            ffn = 3 * d * dense_ffn_hidden(m)
-            total += ffn
-            active += ffn
-    embed = m.vocab_size * d * (1 if m.tie_embeddings else 2) + d  # + final norm
-    return {"params_total": total + embed, "params_active": active + embed}
+    with torch.device("meta"):
+        model = GPT(m)
+    return count_params(model)
 
 
 def match_dense(cfg: Config, on: str = "active", multiple_of: int = 8) -> Tuple[Config, Dict[str, float]]:
@@ -54,6 +41,7 @@ def match_dense(cfg: Config, on: str = "active", multiple_of: int = 8) -> Tuple[
     target = param_counts(cfg.model)[f"params_{on}"]
     dense = copy.deepcopy(cfg)
     dense.model.moe.num_experts = 0
+    dense.parallel.ep_size = 1  # no experts to shard
     dense.model.ffn_hidden = 1
     base = param_counts(dense.model)["params_total"] - 3 * cfg.model.d_model * cfg.model.n_layers
     per_hidden_unit = 3 * cfg.model.d_model * cfg.model.n_layers

@@ -70,10 +70,12 @@ def test_ep_equals_ep1_outputs_gradients_and_loss_curve(workdir, corpus, data_ca
 @pytest.mark.distributed
 def test_ep_with_zero_1_and_2(workdir, corpus, data_cache, tmp_path):
     """ZeRO 1 and 2 under expert parallelism, one layout also torch.compile-d (train.compile: the
-    exchange runs eagerly between compiled parts), all equal to eager EP=1 without ZeRO."""
+    exchange runs eagerly between compiled parts), all equal to eager EP=1 without ZeRO; the model
+    has grouped-query attention, per-head QK-norm and a head width independent of d_model."""
     keep = tmp_path / "parity"
     layouts = ["ep=1,nproc=1", "ep=2,nproc=2,zero=1,compile=true", "ep=2,nproc=4,zero=2", "ep=4,nproc=4,zero=1"]
-    proc = parity(workdir, corpus, data_cache, layouts, steps=5, keep=keep)
+    gqa = ("model.n_kv_heads=1", "model.head_dim=48", "model.qk_norm=head")
+    proc = parity(workdir, corpus, data_cache, layouts, steps=5, keep=keep, extra=gqa)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ref = load(keep / "layout0" / "weights.safetensors")
     for i in range(1, len(layouts)):

@@ -52,7 +52,10 @@ def test_moe_loss_falls_and_run_folder_is_complete(workdir, data_cache):
 
 @pytest.mark.slow
 def test_resume_gives_identical_loss_curve(workdir, data_cache):
-    common = ["train.steps=12", "train.log_every=1", "train.eval_every=0", "checkpoint.every=6"]
+    """Bitwise resume, here of a grouped-query attention model with QK-norm over the projections (the
+    default multi-head model resumes in tests/integration/test_checkpoint_*.py)."""
+    common = ["train.steps=12", "train.log_every=1", "train.eval_every=0", "checkpoint.every=6",
+              "model.n_kv_heads=1", "model.qk_norm=proj"]
     out = train(workdir, "debug_moe", *common, "run.name=straight", data_cache=data_cache)
     assert "freed host memory kept for reuse" in out.stdout  # train.keep_freed_memory defaults to true
     # interrupted: stop after 6 steps, then the same command with the full step count resumes (here

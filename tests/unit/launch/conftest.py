@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+from moe.launch import slurm
+
 FAKE_SCONTROL = r"""#!/bin/bash
 # scontrol requeue JOB: appends "requeue JOB" to <bin>/scontrol.calls; fails with $FAKE_SCONTROL_ERROR on
 # stderr when it is set. scontrol -o show job JOB: prints <bin>/scontrol.out (one line per job), if present.
@@ -18,8 +20,10 @@ esac
 
 
 @pytest.fixture
-def fake_scontrol(fake_slurm):
-    """tests/conftest.py's fake Slurm commands plus a fake `scontrol` (see FAKE_SCONTROL); the bin folder."""
+def fake_scontrol(fake_slurm, monkeypatch):
+    """tests/conftest.py's fake Slurm commands plus a fake `scontrol` (see FAKE_SCONTROL); the bin folder.
+    No pause before a requeue: no torchrun is copying output here."""
+    monkeypatch.setattr(slurm, "REQUEUE_DRAIN_S", 0.0)
     path = fake_slurm / "scontrol"
     path.write_text(FAKE_SCONTROL)
     os.chmod(path, 0o755)

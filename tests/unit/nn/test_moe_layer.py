@@ -137,3 +137,19 @@ def test_layer_compiles_in_one_graph(impl, dtype, training):
         torch.testing.assert_close(a, b)
     if training:
         torch.testing.assert_close(layers[1].stats.tokens_per_expert, layers[0].stats.tokens_per_expert)
+
+
+def test_routed_scaling_factor_scales_the_routed_experts_only():
+    """DeepSeek-V3's routed scaling factor multiplies the routed experts' gate weights; the shared
+    experts are added unscaled (as megatron-core's moe_router_topk_scaling_factor)."""
+    def build(factor):
+        cfg = load_config(None, ["model.vocab_size=10", "model.moe.num_experts=4", "model.moe.top_k=2",
+                                 "model.moe.num_shared_experts=1", "model.moe.score_func=sigmoid",
+                                 f"model.moe.routed_scaling_factor={factor}"]).model.moe
+        torch.manual_seed(0)
+        return MoELayer(16, 32, cfg, 0.02, 0.02).eval()
+
+    plain, scaled = build(1.0), build(2.5)
+    x = torch.randn(2, 8, 16)
+    shared = plain.shared_experts(x.reshape(-1, 16)).view_as(x)
+    torch.testing.assert_close(scaled(x) - shared, 2.5 * (plain(x) - shared))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from moe.errors import ConfigError
 from moe.routing import losses as L
 from moe.routing.base import Router, RoutingDecision, _linear, check_unused
-from tests.helpers import moe_cfg
+from tests.helpers import moe_cfg, router
 
 NO_LOSSES = ("model.moe.aux_loss_coef=0", "model.moe.z_loss_coef=0")
 
@@ -252,3 +252,45 @@ def test_check_unused_names_every_set_key_and_how_to_unset_it():
     assert str(info.value) == (
         "model.moe.router=hash routes by token id: model.moe.noisy_gating=True, model.moe.jitter_eps=0.01 "
         "makes no sense with it (set model.moe.noisy_gating=false, model.moe.jitter_eps=0)")
+
+
+def test_sigmoid_scores_driven_to_zero_cannot_drive_the_balancing_loss_below_one():
+    """megatron-core issue #1545: with a 1e-20 floor in the sigmoid normaliser, scores pushed below
+    it make the normalised probabilities (and the loss) vanish. Here they still sum to 1 per token."""
+    r = router("model.moe.score_func=sigmoid", "model.moe.aux_loss_coef=1.0", "model.moe.z_loss_coef=0",
+               num_experts=4)
+    r.train()
+    with torch.no_grad():
+        r.weight.zero_()
+    x = torch.zeros(64, 4)
+    r.compute_logits = lambda h: torch.full((h.shape[0], 4), -60.0)  # sigmoid(-60) = 8.8e-27 per expert
+    d = r(x)
+    probs = r.balance_probs(d.scores)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    assert float(d.losses["aux_loss"]) >= 1.0 - 1e-6  # uniform scores: exactly the balanced value, 1
+    assert float((d.scores / d.scores.sum(-1, keepdim=True).clamp_min(1e-20)).sum(-1).max()) < 1e-5  # the old floor
+
+
+@pytest.mark.parametrize("extra", [["model.moe.bias_update_rate=0.01"],
+                                   ["model.moe.n_groups=4", "model.moe.topk_groups=1"]], ids=["bias", "groups"])
+def test_balancing_counts_the_unbiased_top_k_of_the_scores_like_megatron(extra):
+    """With the aux-loss-free bias or group limits, f_e counts the top-k of the scores themselves
+    (megatron-core compute_routing_scores_for_aux_loss, DeepSeek-V3), not the biased selection."""
+    from megatron.core.transformer.moe.moe_utils import (compute_routing_scores_for_aux_loss,
+                                                         switch_load_balancing_loss_func)
+
+    r = router("model.moe.score_func=sigmoid", "model.moe.top_k=2", "model.moe.aux_loss_coef=0.01",
+               "model.moe.z_loss_coef=0", *extra, d=8, num_experts=8)
+    r.train()
+    torch.manual_seed(0)
+    if r.expert_bias is not None:
+        with torch.no_grad():
+            r.expert_bias.copy_(torch.linspace(-1.0, 1.0, 8))  # large: the biased selection differs
+    x = torch.randn(128, 8)
+    d = r(x)
+    logits = r.compute_logits(x)
+    routing_map, scores = compute_routing_scores_for_aux_loss(logits, 2, "sigmoid")
+    ref = switch_load_balancing_loss_func(scores, routing_map.sum(0), 128, 2, 8, 0.01)
+    torch.testing.assert_close(d.losses["aux_loss"], ref)
+    biased = torch.zeros(128, 8).scatter(1, d.expert_indices, 1.0)
+    assert not torch.equal(biased, routing_map.float())  # the selection itself is the biased one

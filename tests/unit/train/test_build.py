@@ -15,11 +15,15 @@ from moe.nn.gpt import GPT
 from moe.train.build import TrainingSetup, seed_everything
 from tests.helpers import run_engine_script
 
+# one worker runs this module, so its engine subprocess (module fixture) runs once
+pytestmark = pytest.mark.xdist_group("engine_build")
+
 BODY = """
 import dataclasses
 import torch.distributed as dist
 from moe.errors import ConfigError
 from moe.nn.moe_layer import MoELayer
+
 
 cfg = config("train.threads=2", "train.global_batch_size=8", "model.moe.bias_update_rate=0.01")
 vocab_before = cfg.model.vocab_size

@@ -19,12 +19,16 @@ from moe.train.checkpoint.integrity import (all_finite, expert_index, find_resum
 from moe.train.checkpoint.manifest import write_manifest
 from tests.helpers import ROOT, run_engine_script
 
+# one worker runs this module, so its engine subprocess (module fixture) runs once
+pytestmark = pytest.mark.xdist_group("engine_integrity")
+
 V1_STEP = os.path.join(ROOT, "tests", "fixtures", "checkpoint_v1", "v1_moe", "checkpoints", "step_00000003")
 SHARD = "experts-ep000-of001.safetensors"
 
 BODY = """
 from moe.train.checkpoint import saving
 from moe.train.resume import new_state, rng_state
+
 
 cfg = config()
 s = build_training(cfg, 1)

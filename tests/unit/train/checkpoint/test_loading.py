@@ -22,6 +22,9 @@ from moe.train.checkpoint.loading import (_fit_scheduler_state, check_compatible
                                           load_model_weights)
 from tests.helpers import ROOT, run_engine_script
 
+# one worker runs this module, so its engine subprocess (module fixture) runs once
+pytestmark = pytest.mark.xdist_group("engine_loading")
+
 V1_RUN = os.path.join(ROOT, "tests", "fixtures", "checkpoint_v1", "v1_moe")
 
 BODY = """
@@ -29,6 +32,7 @@ import shutil
 from moe.errors import CheckpointError
 from moe.train.checkpoint import loading, saving
 from moe.train.resume import new_state, rng_state
+
 
 cfg = config("model.moe.bias_update_rate=0.01")
 s = build_training(cfg, 1)

@@ -13,12 +13,16 @@ from safetensors.torch import load_file
 
 from tests.helpers import run_engine_script
 
+# one worker runs this module, so its engine subprocess (module fixture) runs once
+pytestmark = pytest.mark.xdist_group("engine_optimizer_state")
+
 BODY = """
 from moe.nn.gpt import GPT
 from moe.parallel import build_engine
 from moe.train.build import seed_everything
 from moe.train.checkpoint.optimizer_state import OptimizerState
 from safetensors.torch import load_file
+
 
 cfg = config("train.grad_clip=0")  # no clipping: the reference sees the engine's gradients as they are
 s = build_training(cfg, 1)

@@ -18,10 +18,14 @@ from moe.train.checkpoint.saving import expert_meta, model_tensors, shard_name
 from moe.train.checkpoint.trainer_state import read_trainer
 from tests.helpers import run_engine_script, tiny_gpt_config
 
+# one worker runs this module, so its engine subprocess (module fixture) runs once
+pytestmark = pytest.mark.xdist_group("engine_saving")
+
 BODY = """
 from moe.errors import TrainingDiverged
 from moe.train.checkpoint import saving
 from moe.train.resume import new_state, rng_state
+
 
 cfg = config("model.moe.bias_update_rate=0.01", "model.moe.global_aux_loss_coef=0.01")
 s = build_training(cfg, 1)
