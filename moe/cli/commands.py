@@ -271,6 +271,13 @@ def cmd_ckpt_export(args) -> None:
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['params']:,} parameters (step {info['step']})")
 
 
+def cmd_export(args) -> None:
+    from moe.tools.hf_export import export_hf
+
+    info = export_hf(args.dir, args.hf)  # errors (ConfigError, CheckpointError, OSError) become one line in main()
+    print(f"wrote {args.hf}: {info['architecture']}, {info['tensors']} tensors, from {info['step_dir']}")
+
+
 def cmd_info(args) -> None:
     import platform
 

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank=N before the subcommand
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_compare, _add_generate, _add_eval, _add_launch, _add_match, _add_sweep, _add_report, _add_bench, _add_parity, _add_ckpt, _add_info):
+    for add in (_add_train, _add_compare, _add_generate, _add_eval, _add_launch, _add_match, _add_sweep, _add_report,
+                _add_bench, _add_parity, _add_ckpt, _add_export, _add_info):
         add(sub)
     return p
 
@@ -180,6 +181,16 @@ def _add_ckpt(sub) -> None:
     ce.add_argument("dir", help="a step folder, a checkpoints folder or a run folder (latest)")
     ce.add_argument("out", help="output .safetensors file")
     ce.set_defaults(func=commands.cmd_ckpt_export)
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder",
+                        description="Llama or Qwen3 for a dense model; Mixtral, OLMoE or Qwen3-MoE for an MoE model "
+                                    "(chosen from the model's features; a model none of them computes is refused). "
+                                    "Needs transformers (pip install moe[hf]).")
+    ex.add_argument("dir", help="a step folder, a checkpoints folder or a run folder (latest)")
+    ex.add_argument("--hf", required=True, metavar="OUT", help="output folder (new or empty)")
+    ex.set_defaults(func=commands.cmd_export)
 
 
 def _add_info(sub) -> None:
