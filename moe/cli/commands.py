@@ -275,7 +275,8 @@ def cmd_export(args) -> None:
     from moe.tools.hf_export import export_hf
 
     info = export_hf(args.dir, args.hf)  # errors (ConfigError, CheckpointError, OSError) become one line in main()
-    print(f"wrote {args.hf}: {info['architecture']}, {info['tensors']} tensors, from {info['step_dir']}")
+    print(f"wrote {args.hf}: {info['architecture']}, {info['tensors']} tensors, tokenizer {info['tokenizer']}, "
+          f"from {info['step_dir']}")
 
 
 def cmd_info(args) -> None:

@@ -19,9 +19,12 @@ import torch
 
 from moe.config import (ConfigError, ModelConfig, attention_heads, config_from_yaml_text, dense_ffn_hidden, expert_hidden,
                         moe_layer_ids)
+from moe.data import ByteTokenizer, HFTokenizer, Tokenizer, load_saved_tokenizer
 from moe.train.checkpoint.integrity import resolve_step_dir
 from moe.train.checkpoint.loading import consolidated_state_dict
 
+BYTES_EOS = "<|endoftext|>"
+"""The name of the `bytes` tokenizer's EOS (id 256) in the exported tokenizer."""
 FEATURES_NO_HF_ARCHITECTURE_HAS = (
     ("router", "topk", "a router family other than token-choice top-k"),
     ("score_func", "softmax", "sigmoid scores"),
@@ -117,14 +120,49 @@ def hf_model(m: ModelConfig, sd: Dict[str, torch.Tensor]):
     return model.eval()
 
 
+def byte_level_alphabet():
+    """GPT-2's byte -> printable character map, which the `tokenizers` ByteLevel pre-tokenizer uses:
+    printable Latin-1 bytes map to themselves, the other 68 to the characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """Our tokenizer as a `tokenizers` one that transformers' AutoTokenizer loads: the trained or
+    pretrained BPE as it is; `bytes` as a byte-level BPE with no merges whose token ids are the byte
+    values (and EOS 256), so both encode every text to the same ids."""
+    from tokenizers import Tokenizer as HFTokenizerFile, decoders, models, pre_tokenizers
+
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.hf_tokenizer, tokenizer.hf_tokenizer.id_to_token(tokenizer.eos_id)
+    assert isinstance(tokenizer, ByteTokenizer), type(tokenizer)
+    alphabet = byte_level_alphabet()
+    vocab = {alphabet[b]: b for b in range(256)}
+    vocab[BYTES_EOS] = tokenizer.eos_id
+    tok = HFTokenizerFile(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BYTES_EOS])
+    return tok, BYTES_EOS
+
+
 def export_hf(path: str, out: str) -> Dict[str, Any]:
-    """Write the checkpoint at `path` (a run, checkpoints or step folder) as a transformers folder."""
+    """Write the checkpoint at `path` (a run, checkpoints or step folder) as a transformers folder:
+    config.json, safetensors weights, generation config and, from the run folder, the tokenizer."""
+    import transformers  # deferred: optional (pip install moe[hf]), seconds to import
+
     step_dir = resolve_step_dir(path)
     cfg = config_from_yaml_text(open(os.path.join(step_dir, "config.yaml")).read())
     hf_architecture(cfg.model)  # refuse before reading any tensor
     if os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"--hf {out}: the folder exists and is not empty; choose a new one")
-    sd = consolidated_state_dict(step_dir)
-    model = hf_model(cfg.model, sd)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    tokenizer = load_saved_tokenizer(run_dir)
+    model = hf_model(cfg.model, consolidated_state_dict(step_dir))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_id
     model.save_pretrained(out, safe_serialization=True)
-    return {"architecture": type(model).__name__, "step_dir": step_dir, "tensors": len(model.state_dict())}
+    tok, eos = hf_tokenizer(tokenizer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos).save_pretrained(out)
+    return {"architecture": type(model).__name__, "step_dir": step_dir, "tensors": len(model.state_dict()),
+            "tokenizer": tokenizer.name}

@@ -105,6 +105,25 @@ def test_moe_export_writes_a_folder_transformers_loads_with_our_logits(tmp_path,
     x = torch.randint(0, ours.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
+    # the run's tokenizer (bytes) as one AutoTokenizer loads: the same ids for any text, EOS 256
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "héllo wörld\n  def f():\tpass ✓ \x00\x7f"
+    assert tokenizer.encode(text, add_special_tokens=False) == list(text.encode())
+    assert tokenizer.decode(list(text.encode())) == text
+    assert tokenizer.eos_token_id == 256 == hf.config.eos_token_id == hf.generation_config.eos_token_id
+
+
+def test_a_trained_bpe_tokenizer_is_exported_as_it_is(tmp_path):
+    from moe.config import DataConfig
+    from moe.data import build_tokenizer
+    from moe.tools.hf_export import hf_tokenizer
+
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 50
+    ours = build_tokenizer(DataConfig(tokenizer="bpe", bpe_vocab_size=300, cache_dir=str(tmp_path)), lambda: texts)
+    tok, eos = hf_tokenizer(ours)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+    assert fast.encode(texts[0], add_special_tokens=False) == ours.encode(texts[0])
+    assert fast.eos_token_id == ours.eos_id
 
 
 def test_moe_export_refuses_before_writing(tmp_path, capsys):
