@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from moe.analysis import plots
+from moe.analysis import domain, downstream, plots
 from moe.analysis.plots import EXPERT_LOAD_FILE
 from moe.analysis.runs import (
     METRICS_FILE,
@@ -96,8 +96,15 @@ def compare_runs(run_dirs: List[str], out_dir: str) -> str:
     table, notes = _table(runs, names, budget)
     moe_runs, no_load = _expert_load_runs(runs, names)
     _write_plots(out_dir, runs, names, budget.t_common, moe_runs)
-    _write_markdown(out_dir, runs, names, table, notes, moe_runs, no_load)
-    return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    groups = [(n, [r]) for n, r in zip(names, runs)]
+    tasks_table = downstream.table(groups, downstream.metric_keys(runs))
+    tasks_md = downstream.markdown_section(tasks_table, downstream.write_plots(groups, out_dir))
+    sources_table, sources_md = domain.section(groups, out_dir)  # data mixtures: per source, routing by domain
+    tasks_md = list(tasks_md) + sources_md
+    _write_markdown(out_dir, runs, names, table, notes, moe_runs, no_load, tasks_md)
+    return (table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+            + (f"\nDownstream tasks (last logged values):\n\n{tasks_table}\n" if tasks_table else "")
+            + (f"\nData sources (last logged values):\n\n{sources_table}\n" if sources_table else ""))
 
 
 # ----------------------------------------------------------------------------------- the run folders
@@ -305,7 +312,7 @@ def _expert_load_section(moe_runs: Sequence[plots.MoeRun], no_load: Sequence[str
 
 def _write_markdown(out_dir: str, runs: Sequence[RunRecord], names: Sequence[str], table: str,
                     notes: Sequence[str], moe_runs: Sequence[plots.MoeRun],
-                    no_load: Sequence[str]) -> None:
+                    no_load: Sequence[str], tasks_md: Sequence[str] = ()) -> None:
     """compare.md: the runs, the table and its notes, the plots, and what was skipped reading."""
     md = ["# Run comparison", "", "Runs, in the order given:", ""]
     md += [f"- **{md_escape(n)}**: `{r.path}`" for n, r in zip(names, runs)]
@@ -315,6 +322,7 @@ def _write_markdown(out_dir: str, runs: Sequence[RunRecord], names: Sequence[str
     for fname in PLOT_FILES:
         md += [f"### [{_PLOT_TITLES[fname]}]({fname})", "", f"![{_PLOT_TITLES[fname]}]({fname})", ""]
     md += _expert_load_section(moe_runs, no_load)
+    md += list(tasks_md)
     run_warnings = [(n, w) for n, r in zip(names, runs) for w in r.warnings]
     if run_warnings:
         md += ["## Warnings", ""] + [f"- {md_escape(n)}: {md_escape(w)}" for n, w in run_warnings]

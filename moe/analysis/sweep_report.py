@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from moe.analysis import plots
+from moe.analysis import domain, downstream, plots
 from moe.analysis.runs import SWEEP_FILE, ReportError, RunRecord, load_run
 from moe.analysis.tables import fmt_fixed, format_value, markdown_table
 from moe.analysis.wandb_summary import log_report
@@ -69,7 +69,10 @@ def build_report(dirs: List[str], out_dir: str, wandb_summary: bool = False) -> 
     os.makedirs(out_dir, exist_ok=True)
     rows = [summarise(g) for g in groups]
     _write_plots(groups, rows, swept, out_dir)
+    _, sources_md = domain.section([(g.label, g.finished_records()) for g in groups], out_dir)  # data mixtures
     text = _markdown(dirs, rows, _png_files(out_dir))
+    if sources_md:  # before the plots: the part of report.md the terminal shows
+        text = text.replace("\n## Plots\n", "\n" + "\n".join(sources_md) + "\n## Plots\n", 1)
     _write_report_files(out_dir, text, rows)
     if wandb_summary:
         log_report(rows, out_dir, _wandb_group(dirs, out_dir))
@@ -158,6 +161,7 @@ def summarise(group: Group) -> Dict[str, Any]:
     row["load_max_over_mean"] = _mean_std([r.last_router_mean("/max_over_mean") for r in recs])[0]
     row["dropped_frac"] = _mean_std([r.last_router_mean("/dropped_frac") for r in recs])[0]
     row["failed"] = [(m.name, m.status) for m in group.members if m.status != "finished"]
+    row["downstream"] = downstream.row_values(recs)
     return row
 
 
@@ -171,6 +175,7 @@ def _write_plots(groups: List[Group], rows: List[Dict[str, Any]], swept: List[st
         plots.plot_group_curves(curves, line_colors, os.path.join(out_dir, fname), kind, key, x, ylabel,
                                 title, logx)
     plots.plot_load_balance(curves, line_colors, os.path.join(out_dir, plots.LOAD_BALANCE_FILE))
+    downstream.write_plots(curves, out_dir)
     for key in swept:
         if any(key in r for r in rows):
             fname = f"final_val_loss_by_{key.split('.')[-1]}.png"
@@ -215,6 +220,8 @@ def _markdown(dirs: List[str], rows: List[Dict[str, Any]], png_files: List[str])
     lines = ["# Sweep report", "", "Sources: " + ", ".join(f"`{d}`" for d in dirs), ""]
     lines += [markdown_table(_TABLE_HEAD, [_table_row(r, best) for r in rows]), ""]
     lines += _failed_section(rows)
+    lines += downstream.markdown_section(downstream.values_table([(r["variant"], r["downstream"]) for r in rows],
+                                                                 "variant"))
     lines += ["Seeds are averaged per variant; ± is the sample standard deviation over seeds "
               "(0 with one seed). Load max/mean and dropped fraction are the last logged values, "
               "averaged over MoE layers and seeds.", "", "## Plots", ""]

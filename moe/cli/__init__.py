@@ -1,5 +1,5 @@
-"""`moe` command line: train | compare | generate | eval | match | sweep | report | launch | bench | parity | ckpt |
-export | info. parser.py declares the commands, commands.py runs them, main() turns every failure into one line."""
+"""`moe` command line: train | compare | generate | eval | match | plan | sweep | report | launch | bench | parity |
+ckpt | export | info | data. parser.py declares the commands, commands.py runs them, main() turns every failure into one line."""
 from __future__ import annotations
 
 import errno

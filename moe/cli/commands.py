@@ -73,8 +73,19 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from moe.data import tokenize_file_for_eval
-    from moe.tools.inference import evaluate_dataset, load_run
+    from moe.errors import MoeError
+    from moe.tools.inference import evaluate_dataset, evaluate_tasks, load_run, tasks_table
 
+    if args.tasks is not None:
+        try:
+            report = evaluate_tasks(args.run_dir, args.tasks, args.include_path, args.limit, args.num_fewshot,
+                                    args.batch_size, args.tag, args.out)
+        except (MoeError, FileNotFoundError) as exc:
+            die(str(exc))
+        print(tasks_table(report))
+        if args.out:
+            print(f"\nresults written to {args.out}")
+        return
     try:
         model, tok, cfg = load_run(args.run_dir, args.tag)
         dataset = tokenize_file_for_eval(args.data, tok, cfg.data.cache_dir, cfg.data.text_field)
@@ -96,7 +107,8 @@ def _launch_options(args, config: str, overrides, local: int = 0, array=None):
         constraint=args.constraint, exclusive=args.exclusive, mail_user=args.mail_user, mail_type=args.mail_type,
         cpus_per_task=args.cpus_per_task, mem=args.mem, job_name=args.job_name, cpu=True if args.cpu else None,
         launcher=args.launcher, max_restarts=args.max_restarts, signal_s=args.signal_seconds, array=array,
-        env=args.env, sbatch_args=args.sbatch_arg, dry_run=args.dry_run, wait=args.wait)
+        env=args.env, sbatch_args=args.sbatch_arg, dry_run=args.dry_run, wait=args.wait,
+        force=getattr(args, "force", False), gpu_memory=getattr(args, "gpu_memory", "80GB"))
 
 
 def cmd_launch(args) -> None:
@@ -142,6 +154,26 @@ def cmd_match(args) -> None:
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
+
+
+def cmd_plan(args) -> None:
+    from moe.config import load_config
+    from moe.train.plan import Layout, check_layout, estimate, parse_memory, report
+    from moe.validate import validate
+
+    # every input is checked before the model is counted; errors become one line in main()
+    layout = Layout(nodes=args.nodes, gpus_per_node=args.gpus_per_node, memory=parse_memory(args.gpu_memory),
+                    peak_tflops=args.peak_tflops, mfu=args.mfu, device=args.device)
+    check_layout(layout)
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, layout.world)
+    plan = estimate(cfg, layout, tokens=int(args.tokens) if args.tokens else None)
+    print(report(plan, cfg.run.name))
+    if args.json:
+        from moe.io import atomic_write
+
+        atomic_write(args.json, json.dumps(plan.to_dict(), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 def cmd_sweep(args) -> None:
@@ -325,3 +357,22 @@ def cmd_info(args) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def cmd_data_prepare(args) -> None:
+    from moe.data.prepare import default_out, load_data_config, prepare
+
+    cfg = load_data_config(args.config, args.overrides)
+    out = args.out or default_out(cfg)
+    m = prepare(cfg, out, workers=args.workers, shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                progress=not args.no_progress)
+    call = m["last_call"]
+    if call["workers"] == 0:
+        print(f"{out}: already prepared")
+    else:
+        print(f"{out}: {call['new_tokens']:,} tokens tokenized in {call['seconds']:.1f} s "
+              f"({call['tokens_per_s']:,.0f} tokens/s, {call['workers']} workers)")
+    print(f"  {m['documents']:,} documents, {m['tokens']:,} tokens ({m['train']['tokens']:,} train, "
+          f"{m['val']['tokens']:,} val), {m['bytes']:,} bytes of text, {len(m['shards'])} shards, "
+          f"tokenizer {m['tokenizer']['name']} (vocab {m['tokenizer']['vocab_size']})")
+    print(f"  train on it with data.dataset={out} data.tokenizer={cfg.tokenizer}")

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_compare, _add_generate, _add_eval, _add_launch, _add_match, _add_sweep, _add_report,
-                _add_bench, _add_parity, _add_ckpt, _add_export, _add_info):
+                _add_bench, _add_parity, _add_ckpt, _add_export, _add_info, _add_data, _add_plan):
         add(sub)
     return p
 
@@ -79,9 +79,19 @@ def _add_generate(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    e = sub.add_parser("eval", help="loss and perplexity of a run's checkpoint on a text file or dataset")
+    e = sub.add_parser("eval", help="loss and perplexity of a run's checkpoint on a text file or dataset, or "
+                                    "lm-eval-harness tasks (--tasks)")
     e.add_argument("run_dir")
-    e.add_argument("--data", required=True, help="text/json/jsonl/parquet file or folder, or a hub dataset name")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="text/json/jsonl/parquet file or folder, or a hub dataset name")
+    what.add_argument("--tasks", help="comma-separated lm-eval task, group or tag names, or task YAML files "
+                                      "(needs pip install moe[eval])")
+    e.add_argument("--include-path", default="", help="with --tasks: a folder of task YAML files, searched first")
+    e.add_argument("--limit", type=float, default=None, help="with --tasks: at most N documents per task "
+                                                             "(below 1: a fraction)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples (default: "
+                                                                 "each task's own)")
+    e.add_argument("--out", default=None, help="with --tasks: write the results as JSON to this file")
     e.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's train.seq_len)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
@@ -104,6 +114,8 @@ def _add_launch(sub) -> None:
     la.add_argument("--array", metavar="SPEC", help="job array in Slurm's syntax (0-7, 0-7%%2, 1,3,5): one run per "
                                                     "task, named <name>_<id>")
     la.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
+    la.add_argument("--gpu-memory", default="80GB", help="memory of one GPU for the plan's fit check (default 80GB)")
+    la.add_argument("--force", action="store_true", help="submit even when `moe plan` says the run does not fit")
     la.set_defaults(func=commands.cmd_launch)
 
 
@@ -114,6 +126,29 @@ def _add_match(sub) -> None:
     m.add_argument("--on", choices=["active", "total"], default="active")
     m.add_argument("--out", default=None, help="write the YAML here (default: stdout)")
     m.set_defaults(func=commands.cmd_match)
+
+
+def _add_plan(sub) -> None:
+    pl = sub.add_parser(
+        "plan", help="will a run fit, and how long will it take: sizes, memory per GPU by term, a verdict",
+        description="Parameters (total, active, embedding) and training FLOPs per token, counted on the meta device; "
+                    "per-GPU memory by term (weights, gradients, optimizer states by ZeRO stage and expert-parallel "
+                    "size, activations by micro-batch and train.recompute, dispatch and exchange buffers, a fixed "
+                    "overhead); fits or not, with the knobs that make it fit; tokens/s and the time to train at "
+                    "--mfu. See moe/train/plan.py.")
+    pl.add_argument("config", help="YAML file, e.g. experiments/presets/moe_125m.yaml")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.ep_size=8 train.zero_stage=2")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
+    pl.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (1e9 bytes), 96GiB, ... (default 80GB)")
+    pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (default 989: H100 SXM)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate (default 0.4)")
+    pl.add_argument("--tokens", type=float, default=None,
+                    help="tokens to train (default: train.steps x global batch x seq_len)")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda (default) or cpu: host memory per process, fp32, no fit check")
+    pl.add_argument("--json", metavar="OUT", default=None, help="also write the plan as JSON")
+    pl.set_defaults(func=commands.cmd_plan)
 
 
 def _add_sweep(sub) -> None:
@@ -196,3 +231,19 @@ def _add_export(sub) -> None:
 def _add_info(sub) -> None:
     i = sub.add_parser("info", help="versions, device, distributed and dispatch backends")
     i.set_defaults(func=commands.cmd_info)
+
+
+def _add_data(sub) -> None:
+    d = sub.add_parser("data", help="prepare datasets: tokenize once, outside training")
+    ds = d.add_subparsers(dest="data_command", required=True)
+    pr = ds.add_parser("prepare", help="tokenize a corpus with N worker processes into a prepared folder that "
+                                       "`moe train` reads with data.dataset=FOLDER")
+    pr.add_argument("config", help="DATA.yaml (the data keys alone: dataset, tokenizer, ...) or a run config")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_bytes=1e8")
+    pr.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    pr.add_argument("--out", default=None,
+                    help="prepared folder (default <data.cache_dir>/prepared/<corpus>-<tokenizer>-<hash>); "
+                         "rerun with the same --out to resume a killed prepare")
+    pr.add_argument("--shard-mb", type=float, default=16.0, help="text per shard in MB (default 16)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=commands.cmd_data_prepare)

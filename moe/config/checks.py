@@ -10,11 +10,12 @@ one order. The stages below are public so that it can interleave them: `check_ra
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from moe.config.schema import (Config, ModelConfig, MoEConfig, RunConfig, attention_heads, dense_ffn_hidden,
-                               expert_hidden, global_batch_size, moe_layer_ids)
+from moe.config.schema import (Config, ModelConfig, MoEConfig, RunConfig, TrainConfig, attention_heads,
+                               dense_ffn_hidden, expert_hidden, global_batch_size, moe_layer_ids)
 from moe.errors import ConfigError
 
 
@@ -70,6 +71,7 @@ RANGES: Dict[str, Range] = {
     "model.rope_theta": Range(1, 1e12, lo_open=True, why="the RoPE frequencies theta**(-2i/d) fall only for theta > 1"),
     "model.norm_eps": Range(1e-30, 1, why="0, or below fp32's range, divides a zero vector by zero"),
     "model.init_std": Range(0, 1, lo_open=True),
+    "model.upcycle_noise": Range(0, 10, why="relative to the std of the copied dense weights"),
     # model.moe (moe_layers, a list, is checked in check_moe_layers)
     "model.moe.num_experts": Range(0, 2**16, why="0 = dense"),
     "model.moe.top_k": Range(1, 2**16),
@@ -110,6 +112,7 @@ RANGES: Dict[str, Range] = {
     "train.zero_stage": Range(0, 2, why="DeepSpeed's MoE refuses ZeRO-3"),
     "train.eval_every": Range(0, 2**40, why="0 = only at the end"),
     "train.eval_batches": Range(1, 2**30),
+    "train.eval_tasks_limit": Range(0, 2**40, why="0 = every document"),
     "train.log_every": Range(1, 2**40),
     "train.threads": Range(0, 2**12, why="0 = torch's default"),
     # parallel
@@ -173,6 +176,7 @@ def check_model_shape(m: ModelConfig) -> None:
     """Attention heads of even (RoPE) width, key/value heads that divide the query heads, a known
     QK-norm, a RoPE table and a parameter count of sane size."""
     check_attention(m)
+    check_upcycle(m)
     _, _, head = attention_heads(m)
     rope = m.max_seq_len * head
     _check(rope <= MAX_ROPE_ENTRIES,
@@ -197,6 +201,14 @@ def check_attention(m: ModelConfig) -> None:
            f"model.n_kv_heads ({n_kv}) must divide model.n_heads ({m.n_heads}): each key/value head serves "
            f"an equal group of query heads")
     _check(m.qk_norm in QK_NORMS, f"model.qk_norm must be one of {', '.join(QK_NORMS)}, got {m.qk_norm!r}")
+
+
+def check_upcycle(m: ModelConfig) -> None:
+    """model.upcycle names a mode and comes with a source and experts (the rest: moe/nn/upcycle.py)."""
+    _check(m.upcycle in ("", "copy", "granular"), f"model.upcycle must be copy, granular or empty, got {m.upcycle!r}")
+    _check(not m.upcycle or (m.init_from and m.moe.num_experts > 0),
+           f"model.upcycle={m.upcycle} makes experts from a dense model: it needs model.init_from (the dense run or "
+           f"transformers folder) and an MoE config (model.moe.num_experts > 0)")
 
 
 def _params_upper_bound(m: ModelConfig) -> int:
@@ -294,6 +306,20 @@ def check_train(cfg: Config, world_size: int) -> None:
            f"train.global_batch_size ({gbs}) must be a multiple of train.micro_batch_size "
            f"({t.micro_batch_size}) x data-parallel size ({world_size})")
     _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    _check(t.recompute in ("none", "moe", "full"),
+           f"train.recompute must be none, moe or full, got {t.recompute!r}")
+    check_eval_tasks(t)
+
+
+def check_eval_tasks(t: TrainConfig) -> None:
+    """train.eval_tasks: names that are not empty, an include path that is a folder (the names are
+    looked up in lm-eval's index when the run starts, moe/train/downstream.py)."""
+    for name in t.eval_tasks:
+        _check(isinstance(name, str) and name.strip() == name and name and "," not in name,
+               f"train.eval_tasks: {name!r} is not a task name (one name per list item, no commas or spaces)")
+    _check(len(set(t.eval_tasks)) == len(t.eval_tasks), f"train.eval_tasks: a task named twice in {t.eval_tasks}")
+    _check(not t.eval_include_path or os.path.isdir(t.eval_include_path),
+           f"train.eval_include_path={t.eval_include_path}: not a folder (of lm-eval task YAML files)")
 
 
 def check_logging(cfg: Config) -> None:

@@ -161,10 +161,38 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."""
+    init_from: str = ""
+    """Start training (step 0, fresh optimizer) from these weights instead of the random init: a run,
+    checkpoints or step folder of ours (any layout), or a local transformers folder (config.json +
+    safetensors) of Llama, Qwen3, Mixtral, OLMoE or Qwen3-MoE (moe/train/init_from.py). The source's
+    model must equal this config (shape, heads, norms, experts, vocabulary...; a difference is refused
+    naming the key), except a dense source into an MoE config with model.upcycle. Ignored when the run
+    resumes from its own checkpoint. "" = random init."""
+    upcycle: str = ""
+    """With a dense model.init_from and an MoE config, how the routed experts are made from each
+    dense FFN (sparse upcycling, moe/nn/upcycle.py): `copy` (every expert the dense FFN; experts of
+    the dense hidden size) or `granular` (the dense hidden units split into g = hidden / expert_hidden
+    chunks, expert e holding chunk e mod g, its output scaled by g). Either way the upcycled model
+    computes the dense model's logits at step 0. "" = no upcycling."""
+    upcycle_noise: float = 0.0
+    """Std of Gaussian noise added to each upcycled expert's weights, relative to the std of the dense
+    matrix it was copied from (0.01 = 1%); breaks the step-0 equality, lets copies diverge sooner."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 # ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSourceConfig:
+    """One source of a data mixture (`data.sources`)."""
+
+    name: str = ""
+    """Short name: `loss/val/<name>` and the rows of the routing-by-domain matrix."""
+    dataset: str = ""
+    """What `data.dataset` accepts: a prepared folder, a local file or folder, `embedded:...`, a hub name."""
+    weight: float = 1.0
+    """Share of the training sequences drawn from this source (> 0; weights are normalised to sum 1)."""
 
 
 @dataclass
@@ -187,6 +215,10 @@ class DataConfig:
     """Fraction of documents held out for validation (deterministic, by document hash)."""
     cache_dir: str = "data_cache"
     """Where tokenized .bin/.idx files and trained tokenizers are cached."""
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    """A mixture: several {name, dataset, weight} blended by weight (moe/data/mixture.py), each split and
+    validated on its own (`loss/val/<name>`); `data.dataset` is then unused. Every source must
+    tokenize alike (`bytes`, or one pretrained tokenizer), so `bpe` is refused."""
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -225,6 +257,16 @@ class TrainConfig:
     """Evaluate every n steps (and at the end); 0 = only at the end."""
     eval_batches: int = 8
     """Micro-batches per evaluation."""
+    eval_tasks: List[str] = field(default_factory=list)
+    """lm-eval-harness tasks run at every evaluation (moe/train/downstream.py; needs `pip install
+    moe[eval]`): task, group or tag names, or task YAML files; logged as `downstream/<task>/<metric>`
+    against tokens and FLOPs. Names are looked up in train.eval_include_path first, then among
+    lm-eval's own tasks (their data from the hub); an unknown name stops the run before training.
+    Every rank runs them in lockstep. [] = none."""
+    eval_tasks_limit: int = 0
+    """Documents per task at each in-loop evaluation; 0 = every document of the task."""
+    eval_include_path: str = ""
+    """A folder of lm-eval task YAML files searched first for train.eval_tasks; "" = lm-eval's own tasks."""
     log_every: int = 10
     """Write a metrics line every n steps."""
     compile: bool = False
@@ -232,6 +274,13 @@ class TrainConfig:
     and the first evaluation compile (seconds to a minute), later steps run the compiled code. Losses
     and router statistics equal eager's to rounding, except that routers drawing random numbers
     (noisy_gating, jitter_eps, random_routing) draw other numbers than eager does."""
+    recompute: str = "none"
+    """Activation recompute (moe/parallel/recompute.py): `none` keeps every activation for backward;
+    `moe` recomputes each MoE layer's expert computation (permute -> experts -> unpermute, not the
+    router) in backward; `full` recomputes whole transformer blocks (one extra forward per step).
+    Losses, gradients and router statistics are those of `none` (statistics counted once; routing
+    noise drawn again identically). Under expert parallelism a recomputed expert region exchanges its
+    tokens again."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default."""
     keep_freed_memory: bool = True

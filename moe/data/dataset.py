@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from moe.data.cache import _build_once, _hash_key, _megatron_indexed, _slug, _SplitWriter, _write_json
 from moe.data.corpus import _Corpus
+from moe.data.prepared import TOKENIZER_DIR, check_tokenizer, is_prepared, read_manifest, shard_prefixes
 from moe.data.sources import _check_readable, _resolve_source
 from moe.data.tokenizers import Tokenizer, _tokenizer_spec, build_tokenizer, load_saved_tokenizer
 from moe.errors import DataError
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # only for annotations
     from moe.config import DataConfig
 
 logger = logging.getLogger(__name__)
+
+# Above this much raw text, a multi-process run refuses to tokenize in-line (`_refuse_large_corpus`):
+# at ~5-20 MB/s for one process that is a wait of half a minute or more for every other rank.
+PREPARE_THRESHOLD_BYTES = 256 << 20
 
 # How many documents are tokenized per call: big enough for `tokenizers`' batch parallelism.
 _ENCODE_BATCH_DOCS = 256
@@ -43,28 +48,18 @@ class TokenDataset:
     documents, as in GPT pretraining.
     """
 
-    def __init__(self, path_prefix: str, name: str = "") -> None:
-        self.path_prefix = path_prefix
-        self.name = name or path_prefix
+    def __init__(self, path_prefix: Union[str, Sequence[str]], name: str = "") -> None:
+        prefixes = [path_prefix] if isinstance(path_prefix, str) else list(path_prefix)
+        self.path_prefix = prefixes[0] if len(prefixes) == 1 else os.path.dirname(os.path.dirname(prefixes[0]))
+        self.name = name or self.path_prefix
         """What the tokens came from, for error messages (`data.dataset='x' (train split)`)."""
-        bin_path = path_prefix + ".bin"
-        if os.path.getsize(bin_path) == 0:
-            # numpy cannot memory-map an empty file; an empty split is legal (and reported later
-            # by BatchSampler with a clear message).
-            self.tokens = np.zeros(0, dtype=np.uint16)
-            self.num_documents = 0
-        else:
-            # megatron-core reads the index (and checks it matches the .bin file)...
-            indexed = _megatron_indexed().IndexedDataset(path_prefix, mmap=True)
-            dtype = indexed[0].dtype
-            total = int(indexed.sequence_lengths.sum(dtype=np.int64))
-            self.num_documents = len(indexed)
-            del indexed
-            # ...but the stream is our own np.memmap of the .bin file (documents back to back, so
-            # one flat array). Views of megatron's memory map would dangle -- and segfault when
-            # read -- once its IndexedDataset is garbage collected, because its __del__ closes the
-            # map; numpy's memmap stays open for as long as any view of it exists.
-            self.tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(total,))
+        parts, self.num_documents = [], 0
+        for prefix in prefixes:  # several: the shards of a prepared folder, one stream in their order
+            tokens, docs = _open_tokens(prefix)
+            self.num_documents += docs
+            if tokens.shape[0]:
+                parts.append(tokens)
+        self.tokens = parts[0] if len(parts) == 1 else _Concat(parts) if parts else np.zeros(0, dtype=np.uint16)
         self.num_tokens = int(self.tokens.shape[0])
 
     def num_sequences(self, seq_len: int) -> int:
@@ -92,6 +87,51 @@ class TokenDataset:
         return f"TokenDataset({self.path_prefix!r}, num_tokens={self.num_tokens}, num_documents={self.num_documents})"
 
 
+def _open_tokens(path_prefix: str) -> Tuple[np.ndarray, int]:
+    """(the token stream of one .bin/.idx pair as a read-only memmap, its number of documents)."""
+    bin_path = path_prefix + ".bin"
+    if os.path.getsize(bin_path) == 0:
+        # numpy cannot memory-map an empty file; an empty split is legal (and reported later by
+        # BatchSampler with a clear message).
+        return np.zeros(0, dtype=np.uint16), 0
+    # megatron-core reads the index (and checks it matches the .bin file)...
+    indexed = _megatron_indexed().IndexedDataset(path_prefix, mmap=True)
+    dtype = indexed[0].dtype
+    total = int(indexed.sequence_lengths.sum(dtype=np.int64))
+    docs = len(indexed)
+    del indexed
+    # ...but the stream is our own np.memmap of the .bin file (documents back to back, so one flat
+    # array). Views of megatron's memory map would dangle -- and segfault when read -- once its
+    # IndexedDataset is garbage collected, because its __del__ closes the map; numpy's memmap stays
+    # open for as long as any view of it exists.
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(total,)), docs
+
+
+class _Concat:
+    """Several token streams read as one: the indexing TokenDataset uses (slices, integer arrays)."""
+
+    def __init__(self, parts: List[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
+        self.shape = (int(self.starts[-1]),)
+        self.dtype = np.result_type(*[p.dtype for p in parts])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            key = np.arange(start, stop, step, dtype=np.int64)
+        flat = np.asarray(key, dtype=np.int64)
+        out = np.empty(flat.shape, dtype=self.dtype)
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        for part in np.unique(which):
+            mask = which == part
+            out[mask] = self.parts[part][flat[mask] - self.starts[part]]
+        return out
+
+
 @dataclass
 class TokenData:
     tokenizer: Tokenizer
@@ -99,10 +139,12 @@ class TokenData:
     val: TokenDataset
     cache_path: str = ""
     """The cache folder the splits were read from (for logs)."""
+    sources: list = field(default_factory=list)
+    """A mixture's `moe.data.mixture.SourceData`, one per `data.sources` entry (train/val are then the first's)."""
 
 
 def prepare_data(cfg: DataConfig, is_writer: bool = True, barrier: Optional[Callable[[], None]] = None,
-                 seq_len: int = 0, batch_sequences: int = 1) -> TokenData:
+                 seq_len: int = 0, batch_sequences: int = 1, world_size: int = 1) -> TokenData:
     """Tokenizer plus memory-mapped train/val token streams for `cfg`, tokenizing only on a cache miss.
 
     With several processes, exactly one per cache (rank 0) passes `is_writer=True`. `barrier` is
@@ -115,13 +157,25 @@ def prepare_data(cfg: DataConfig, is_writer: bool = True, barrier: Optional[Call
     before anything is written to `cfg.cache_dir`. With `seq_len` (train.seq_len), a split with
     fewer than `batch_sequences` (micro_batch_size x data-parallel size) sequences is a DataError
     too, here rather than at the first evaluation.
+
+    A folder written by `moe data prepare` is read in place by every process, with no barrier and no
+    writes (`_open_prepared`). With `world_size` > 1, a corpus larger than `PREPARE_THRESHOLD_BYTES`
+    that is neither prepared nor cached is a DataError telling the user to run `moe data prepare`:
+    the other processes would wait in `barrier` for as long as rank 0 tokenizes.
     """
+    if is_prepared(cfg.dataset):
+        data = _open_prepared(cfg)
+        if seq_len > 0:
+            _check_fits(data, seq_len, max(1, batch_sequences), cfg.max_bytes)
+        return data
     corpus = _Corpus(_resolve_source(cfg.dataset, cfg.dataset_config, cfg.text_field), cfg.max_bytes,
                      cfg.val_fraction)
     key = _hash_key({"kind": "tokens", "corpus": corpus.key(), "tokenizer": _tokenizer_spec(cfg)})
     tok_name = "bpe" if cfg.tokenizer == "bpe" else _slug(os.path.basename(cfg.tokenizer.rstrip("/")))
     final = os.path.join(cfg.cache_dir, "tokens", f"{corpus.source.slug}-{tok_name}-{key}")
     pretrained = None
+    if world_size > 1 and not os.path.isdir(final):
+        _refuse_large_corpus(cfg, corpus.source, world_size)
     if not os.path.isdir(final):
         # Every rank checks local data, so that most bad files stop them all with the same message
         # instead of leaving the others in the barrier. Only the writer reads JSON to the end (a
@@ -161,6 +215,37 @@ def prepare_data(cfg: DataConfig, is_writer: bool = True, barrier: Optional[Call
     if seq_len > 0:
         _check_fits(data, seq_len, max(1, batch_sequences), cfg.max_bytes)
     return data
+
+
+def _open_prepared(cfg: DataConfig) -> TokenData:
+    """The train/val streams of a prepared folder, after checking it was made with cfg's tokenizer."""
+    manifest = read_manifest(cfg.dataset)
+    check_tokenizer(cfg, cfg.dataset, manifest)
+    where = f"data.dataset={cfg.dataset!r} (prepared)"
+    folder = os.path.abspath(os.path.expanduser(cfg.dataset))
+    return TokenData(tokenizer=load_saved_tokenizer(os.path.join(folder, TOKENIZER_DIR)),
+                     train=TokenDataset(shard_prefixes(folder, manifest, "train"), f"{where} (train split)"),
+                     val=TokenDataset(shard_prefixes(folder, manifest, "val"), f"{where} (validation split)"),
+                     cache_path=folder)
+
+
+def _refuse_large_corpus(cfg: DataConfig, source, world_size: int) -> None:
+    """DataError for a multi-process run about to tokenize more than PREPARE_THRESHOLD_BYTES on rank 0.
+
+    The size is the corpus files' (capped by data.max_bytes), known without reading them; a hub
+    dataset's size is not, so only a data.max_bytes above the threshold counts there.
+    """
+    size = sum(entry[1] for entry in source.fingerprint.get("files", []))
+    if source.kind == "hub":
+        size = cfg.max_bytes
+    elif cfg.max_bytes > 0:
+        size = min(size, cfg.max_bytes)
+    if size > PREPARE_THRESHOLD_BYTES:
+        raise DataError(
+            f"{source.describe()}: {size / 2**20:.0f} MiB of text is not tokenized yet, and a {world_size}-process "
+            f"run would wait while rank 0 tokenizes it (more than {PREPARE_THRESHOLD_BYTES >> 20} MiB); tokenize "
+            f"it first with `moe data prepare CONFIG --workers N` and train with data.dataset=<the prepared "
+            f"folder>, or run one process once to fill data.cache_dir")
 
 
 def _check_fits(data: TokenData, seq_len: int, batch_sequences: int, max_bytes: int) -> None:

@@ -39,7 +39,10 @@ if TYPE_CHECKING:  # only for annotations
 # Corpora that ship with every machine. `embedded:stdlib` is the standard library's *.py source
 # (see `_stdlib_files`): on CPython 3.11.7 here, 734 files / 12.1 MB -> 731 non-empty documents,
 # 12.1 M byte tokens, tokenized with the `bytes` tokenizer in ~0.2 s.
-EMBEDDED_CORPORA: Tuple[str, ...] = ("embedded:stdlib",)
+# `embedded:stdlib-docs` is the natural language of the same files: their docstrings (module, class and
+# function), one document per file (see `_docstring_documents`); with `embedded:stdlib` it makes an
+# offline two-domain mixture (code vs prose; experiments/mixture_*.yaml).
+EMBEDDED_CORPORA: Tuple[str, ...] = ("embedded:stdlib", "embedded:stdlib-docs")
 
 # Directory names skipped in `embedded:stdlib`: the regression suites are huge, repetitive and full
 # of deliberately odd code; site-packages is third-party code that differs from machine to machine.
@@ -53,12 +56,40 @@ def check_config(d: DataConfig) -> None:
     dataset path that does not exist, an embedded corpus that is not known."""
     if d.tokenizer == "bpe" and d.bpe_vocab_size < 260:
         raise ConfigError(f"data.bpe_vocab_size must be >= 260 with data.tokenizer=bpe, got {d.bpe_vocab_size}")
-    if not d.dataset.startswith("embedded:"):
-        looks_local = d.dataset.startswith((".", "/", "~")) or os.path.splitext(d.dataset)[1] in _SUPPORTED_EXTS
-        if looks_local and not os.path.exists(os.path.expanduser(d.dataset)):
-            raise ConfigError(f"data.dataset: file not found: {d.dataset}")
-    elif d.dataset not in EMBEDDED_CORPORA:
-        raise ConfigError(f"data.dataset: unknown embedded corpus {d.dataset!r}; known: {', '.join(EMBEDDED_CORPORA)}")
+    if d.sources:
+        _check_sources(d)
+    else:
+        _check_dataset("data.dataset", d.dataset)
+
+
+def _check_dataset(key: str, dataset: str) -> None:
+    if not dataset.startswith("embedded:"):
+        looks_local = dataset.startswith((".", "/", "~")) or os.path.splitext(dataset)[1] in _SUPPORTED_EXTS
+        if looks_local and not os.path.exists(os.path.expanduser(dataset)):
+            raise ConfigError(f"{key}: file not found: {dataset}")
+    elif dataset not in EMBEDDED_CORPORA:
+        raise ConfigError(f"{key}: unknown embedded corpus {dataset!r}; known: {', '.join(EMBEDDED_CORPORA)}")
+
+
+def _check_sources(d: DataConfig) -> None:
+    """Each source named (a metric-safe name, once), with a dataset and a finite weight > 0."""
+    if d.tokenizer == "bpe":
+        raise ConfigError("data.sources: a mixture needs one tokenizer for every source; data.tokenizer=bpe trains "
+                          "one per dataset: use bytes or a pretrained tokenizer (a tokenizer.json path)")
+    seen = set()
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]" + (f" ({src.name!r})" if src.name else "")
+        if not src.name or not all(c.isalnum() or c in "-_." for c in src.name):
+            raise ConfigError(f"{where}: name must be non-empty letters, digits, '-', '_' or '.', got {src.name!r}")
+        if src.name in seen:
+            raise ConfigError(f"{where}: the name {src.name!r} is used twice")
+        seen.add(src.name)
+        if not src.weight > 0 or src.weight == float("inf"):
+            raise ConfigError(f"{where}: weight must be a finite number > 0, got {src.weight}")
+        if not src.dataset:
+            raise ConfigError(f"{where}: no dataset (a prepared folder, a file or folder, embedded:stdlib or a hub "
+                              f"name)")
+        _check_dataset(f"{where}.dataset", src.dataset)
 
 
 class DataFileNotFound(DataError, FileNotFoundError):
@@ -85,6 +116,8 @@ class _Source:
         budget = budget or _ByteBudget(0)
         if self.kind == "hub":
             docs: Iterable[str] = _column_texts(self.hub_split(), self.text_field)
+        elif self.spec == "embedded:stdlib-docs":
+            docs = _docstring_documents(self.files)
         else:
             docs = _file_documents(self, budget)
         # An empty document would only add a lone EOS.
@@ -143,7 +176,7 @@ def _resolve_source(spec: str, dataset_config: Optional[str], text_field: str,
     """Reads nothing but file sizes: an existing file (any extension) or folder is local, a missing
     name that looks like a path is an error, anything else is a hub name (checked when loaded)."""
     if spec.startswith("embedded:"):
-        if spec != "embedded:stdlib":
+        if spec not in EMBEDDED_CORPORA:
             raise DataError(f"{label}: unknown embedded corpus {spec!r}; known: {', '.join(EMBEDDED_CORPORA)}")
         root = sysconfig.get_paths()["stdlib"]
         files = _stdlib_files(root)
@@ -151,7 +184,7 @@ def _resolve_source(spec: str, dataset_config: Optional[str], text_field: str,
         # ranks on different nodes must compute the same key for the same library.
         fp = {"kind": "embedded", "name": spec, "python": sys.version.split()[0],
               "files": [[os.path.relpath(p, root), os.path.getsize(p)] for p in files]}
-        return _Source("embedded", spec, "stdlib", files, fp, label=label)
+        return _Source("embedded", spec, _slug(spec.split(":", 1)[1]), files, fp, label=label)
 
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.exists(path):
@@ -185,6 +218,25 @@ def _stdlib_files(root: str) -> List[str]:
                     found.append(path)
     # Sort on the '/'-joined relative path so the order does not depend on os.walk's order.
     return sorted(found, key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
+
+
+def _docstring_documents(files: List[str]) -> Iterator[str]:
+    """Per file, its module, class and function docstrings (cleaned by `ast.get_docstring`), joined by
+    blank lines; a file without any gives no document."""
+    import ast
+
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for path in files:
+        with _open_binary(path) as f:
+            source = f.read()
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):  # a file of another Python version: skipped, as a test corpus would be
+            continue
+        texts = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+        doc = "\n\n".join(t for t in texts if t)
+        if doc:
+            yield doc + "\n"
 
 
 def _folder_files(what: str, folder: str) -> List[str]:

@@ -15,6 +15,7 @@ side, asked by a training process what restarts it after a preemption warning.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Dict, Mapping, Optional, Sequence, Type
 
@@ -25,8 +26,8 @@ from moe.launch.cluster import (ACTIVE_STATES, active_array_tasks, job_states, p
 from moe.launch.errors import LaunchError
 from moe.launch.hosts import main, read_hostfile, world_info
 from moe.launch.local import LocalLauncher
-from moe.launch.options import (LaunchOptions, Task, check_options, check_tasks, parse_array_spec, resolve_tasks,
-                                world_size)
+from moe.launch.options import (LaunchOptions, Task, check_options, check_plans, check_tasks, parse_array_spec,
+                                plan_layout, resolve_tasks, world_size)
 from moe.launch.script import TEMPLATE, render_sbatch
 from moe.launch.slurm import SlurmJob, SlurmLauncher, sbatch, submit, wait_and_summarise
 from moe.launch.snapshot import (ROOT, SECRET_CONTENT, SECRET_DIR_NAMES, SECRET_FILE_NAMES, secret_file_reason,
@@ -49,9 +50,18 @@ def launch(opts: LaunchOptions, argv: Sequence[str] = ()) -> int:
     """The `moe launch` command; returns the exit status."""
     check_options(opts)
     tasks = resolve_tasks(opts)
+    for line in check_plans(opts, tasks, cuda_available()):  # a run that does not fit stops here, unless --force
+        print(line, file=sys.stderr, flush=True)
     command = ["moe", "launch", *argv]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return get_launcher("local" if opts.local else "slurm").start(opts, tasks, command, stamp)
+
+
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA device (for `moe launch --local`'s plan check)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def job_launcher(environ: Optional[Mapping[str, str]] = None) -> Optional[JobControl]:
@@ -71,7 +81,8 @@ __all__ = [
     "JobControl", "LaunchError", "Launcher", "LAUNCHERS", "get_launcher", "job_launcher", "launch",
     "LocalLauncher", "SlurmJob", "SlurmLauncher",
     # options and tasks
-    "LaunchOptions", "Task", "check_options", "check_tasks", "parse_array_spec", "resolve_tasks", "world_size",
+    "LaunchOptions", "Task", "check_options", "check_plans", "check_tasks", "cuda_available", "parse_array_spec",
+    "plan_layout", "resolve_tasks", "world_size",
     # the job script, the code snapshot
     "ROOT", "TEMPLATE", "render_sbatch", "SECRET_CONTENT", "SECRET_DIR_NAMES", "SECRET_FILE_NAMES",
     "secret_file_reason", "write_code_snapshot",

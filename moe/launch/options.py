@@ -16,6 +16,7 @@ from moe.config import Config, ConfigError, load_config
 from moe.io import SECRET_NAME, RunFolder
 from moe.launch.errors import LaunchError
 from moe.launch.cluster import slurm_partitions
+from moe.train.plan import Layout, estimate, one_line, parse_memory, vocab_known
 from moe.train.run_dir import check_run_dir
 from moe.validate import validate
 
@@ -49,6 +50,10 @@ class LaunchOptions:
     sbatch_args: List[str] = field(default_factory=list)
     dry_run: bool = False
     wait: bool = False
+    force: bool = False
+    """Submit even when `moe plan` says the run does not fit the GPUs' memory."""
+    gpu_memory: str = "80GB"
+    """Memory of one GPU, for the plan's fit check (`moe plan --gpu-memory`)."""
 
 
 @dataclass
@@ -173,3 +178,31 @@ def check_tasks(opts: LaunchOptions, cfgs: Sequence[Tuple[Optional[int], Config]
     if len(set(names)) != len(names):
         raise LaunchError(f"array tasks share a run folder: {names}")
     return tasks
+
+
+def plan_layout(opts: LaunchOptions, cuda_available: bool) -> Layout:
+    """The layout `moe plan` checks a launch against: GPUs of --gpu-memory each, or CPU processes (--cpu,
+    or --local on a machine without CUDA: the estimate is printed, nothing is checked)."""
+    cpu = bool(opts.cpu) or (opts.local > 0 and not cuda_available)
+    nodes, per_node = (1, opts.local) if opts.local else (opts.nodes, opts.gpus_per_node)
+    return Layout(nodes=nodes, gpus_per_node=per_node, memory=parse_memory(opts.gpu_memory),
+                  device="cpu" if cpu else "cuda")
+
+
+def check_plans(opts: LaunchOptions, tasks: Sequence[Task], cuda_available: bool) -> List[str]:
+    """The plan line of each task (printed by `moe launch`); a task that does not fit is refused with a
+    LaunchError before anything is written or submitted, unless --force."""
+    layout = plan_layout(opts, cuda_available)
+    lines = []
+    for t in tasks:
+        run = f"run {t.cfg.run.name}: " if t.task_id is not None else ""
+        if not vocab_known(t.cfg):  # resolved from the tokenizer at train time: nothing to plan with here
+            lines.append(f"{run}[moe plan] not checked: set model.vocab_size (tokenizer {t.cfg.data.tokenizer!r}) "
+                         f"to plan the run before it starts")
+            continue
+        plan = estimate(t.cfg, layout)
+        if plan.fits is False and not opts.force:
+            raise LaunchError(f"{run}{one_line(plan)[len('[moe plan] '):]}; nothing written or submitted "
+                              f"(moe plan {opts.config} shows the terms; --force submits anyway)")
+        lines.append(run + one_line(plan))
+    return lines

@@ -15,12 +15,20 @@ class LoadHeatmap:
 
     _KEY = re.compile(r"^router/layer(\d+)/load$")
 
+    _DOMAIN = re.compile(r"^router/layer(\d+)/domain$")
+
     def __init__(self, max_columns: int = 256) -> None:
         self.max_columns = max_columns
         self.steps: List[int] = []
         self.loads: Dict[int, List[List[float]]] = {}
+        self.domain: Dict[int, Any] = {}
+        """A data mixture's latest routing-by-domain matrices {layer: sources x experts} (`render_domain`)."""
+        self.domain_sources: List[str] = []
 
     def add(self, record: Dict[str, Any]) -> None:
+        domain = {int(m.group(1)): v for k, v in record.items() if (m := self._DOMAIN.match(k))}
+        if domain:
+            self.domain, self.domain_sources = domain, list(record.get("router/domain_sources", []))
         found = {int(m.group(1)): v for k, v in record.items() if (m := self._KEY.match(k))}
         if not found:
             return
@@ -60,6 +68,34 @@ class LoadHeatmap:
             fig.colorbar(im, ax=ax, label="load / uniform")
         axes[-1, 0].set_xlabel("step")
         fig.suptitle("expert load per MoE layer")
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return image
+
+    def render_domain(self):
+        """An RGB uint8 array of the latest routing-by-domain matrices (sources down, experts across,
+        colour = share of the source's routed tokens), one panel per MoE layer; None before any."""
+        if not self.domain:
+            return None
+        import matplotlib  # deferred, as in render
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        layers = sorted(self.domain)
+        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.0 + 1.2 * len(layers)), squeeze=False)
+        for ax, layer in zip(axes[:, 0], layers):
+            grid = np.asarray(self.domain[layer], dtype=float)
+            im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
+            if len(self.domain_sources) == grid.shape[0]:
+                ax.set_yticks(range(grid.shape[0]), labels=self.domain_sources)
+            ax.set_ylabel(f"layer {layer}")
+            fig.colorbar(im, ax=ax, label="share")
+        axes[-1, 0].set_xlabel("expert")
+        fig.suptitle("routing by domain per MoE layer")
         fig.tight_layout()
         fig.canvas.draw()
         image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -34,6 +34,8 @@ def wandb_mode(configured: str) -> str:
 
 FLOPS_AXIS = "loss_vs_flops"
 """W&B key prefix of the losses plotted against training FLOPs (`loss/val` -> `loss_vs_flops/val`)."""
+DOWNSTREAM_FLOPS_AXIS = "downstream_vs_flops"
+"""The same for downstream task metrics (`downstream/<task>/acc` -> `downstream_vs_flops/<task>/acc`)."""
 
 
 class MetricLogger:
@@ -68,9 +70,10 @@ class MetricLogger:
             # step_metric, so the equal-compute view needs its own keys.
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("flops")
-            for key in ("loss/*", "ppl/*", "speed/*", "router/*", "lr", "grad_norm"):
+            for key in ("loss/*", "ppl/*", "speed/*", "router/*", "downstream/*", "lr", "grad_norm"):
                 self.wandb.define_metric(key, step_metric="tokens")
-            self.wandb.define_metric(f"{FLOPS_AXIS}/*", step_metric="flops")
+            for axis in (FLOPS_AXIS, DOWNSTREAM_FLOPS_AXIS):
+                self.wandb.define_metric(f"{axis}/*", step_metric="flops")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines written after the checkpoint we resume from (they will be redone)."""
@@ -95,12 +98,17 @@ class MetricLogger:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             scalars.update({f"{FLOPS_AXIS}/{k[len('loss/'):]}": v for k, v in scalars.items()
                             if k.startswith("loss/")})
+            scalars.update({f"{DOWNSTREAM_FLOPS_AXIS}/{k[len('downstream/'):]}": v for k, v in scalars.items()
+                            if k.startswith("downstream/")})
             self.heatmap.add(record)
             if "loss/val" in record and len(self.heatmap):  # bounded cost: one image per evaluation
                 import wandb
 
                 scalars["router/load_heatmap"] = wandb.Image(self.heatmap.render(),
                                                              caption="expert load / uniform, per MoE layer")
+                if self.heatmap.domain:  # a data mixture: which experts each source's tokens go to
+                    scalars["router/domain_heatmap"] = wandb.Image(self.heatmap.render_domain(),
+                                                                   caption="share of each source's tokens per expert")
             self.wandb.log(scalars, step=int(record["step"]))
 
     def summary(self, summary: Dict[str, Any]) -> None:

@@ -59,21 +59,28 @@ class MoELayer(nn.Module):
             num_buckets = E + 1
         if self.cfg.routed_scaling_factor != 1.0:
             gate_weights = gate_weights * self.cfg.routed_scaling_factor
-        backend = self.dispatch_backend
         capacity = self.capacity(flat.shape[0])
-        index = ops.build_routing_index(expert_indices, num_buckets, capacity, decision.priority, backend=backend)
-        expert_in = ops.permute(flat, index, backend=backend)
-        if num_buckets > E:
-            counts = index.tokens_per_expert[:E]
-            real = int(counts.sum())
-            expert_out = self.experts(expert_in[:real], counts)
-            expert_out = torch.cat([expert_out, expert_out.new_zeros(index.num_rows - real, expert_out.shape[-1])])
-        else:
-            expert_out = self.experts(expert_in, index.tokens_per_expert)
-        out = ops.unpermute(expert_out, index, gate_weights, backend=backend)
+        index = ops.build_routing_index(expert_indices, num_buckets, capacity, decision.priority,
+                                        backend=self.dispatch_backend)
+        out = self.routed_experts(flat, index, gate_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         self.aux_losses = decision.losses if self.training else {}
         if self.training:
             self.stats.update(decision, index, flat.shape[0], dropless=capacity is None)
         return out.view(shape)
+
+    def routed_experts(self, flat: torch.Tensor, index, gate_weights: torch.Tensor) -> torch.Tensor:
+        """permute -> experts -> unpermute (weighted combine) of the rows `index` routes: the expert
+        computation without the router, the region `train.recompute=moe` recomputes in backward
+        (moe/parallel/recompute.py). It has no side effect on the layer's statistics."""
+        backend, E = self.dispatch_backend, self.num_experts
+        expert_in = ops.permute(flat, index, backend=backend)
+        if index.tokens_per_expert.numel() > E:  # the virtual expert E of unused slots: never computed
+            counts = index.tokens_per_expert[:E]
+            real = int(counts.sum())
+            expert_out = self.experts(expert_in[:real], counts)
+            expert_out = torch.cat([expert_out, expert_out.new_zeros(index.num_rows - real, expert_out.shape[-1])])
+        else:
+            expert_out = self.experts(expert_in, index.tokens_per_expert)
+        return ops.unpermute(expert_out, index, gate_weights, backend=backend)

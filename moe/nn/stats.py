@@ -27,6 +27,14 @@ class RouterStats:
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
+        self.token_sources: Optional[torch.Tensor] = None
+        """Routing by domain: the data source (0 .. num_sources-1) of each flattened token of the next
+        forward, set by the training loop for a data mixture (`moe.metrics.set_token_sources`); with it,
+        `domain` counts each source's (token, slot) pairs per expert (token-choice routers; eager: the
+        count's bincount is data dependent)."""
+        self.num_sources = 0
+        self.domain: Optional[torch.Tensor] = None
+        """float64 [num_sources, E]; read and cleared by `moe.metrics.domain_metrics`, not by `reset`."""
         self.reset()
 
     def reset(self) -> None:
@@ -77,9 +85,19 @@ class RouterStats:
         scalars = [dropped, slots, dropped_tokens, zero + num_tokens, entropy, zero + 1, lse2]
         scalars += [decision.losses[n].detach().double().reshape(()) for n in names]
         packed = torch.cat([routed, torch.stack(scalars)])
+        if self.token_sources is not None and not decision.expert_choice and self.token_sources.numel() == num_tokens:
+            self._count_domain(decision)
         if self.packed is None:
             self.packed, self.loss_names = packed, names
         elif names != self.loss_names:
             raise RuntimeError(f"router losses changed between forward passes: {self.loss_names} -> {names}")
         else:
             self.packed = self.packed + packed
+
+    def _count_domain(self, decision) -> None:
+        E, S = self.num_experts, self.num_sources
+        chosen = self.token_sources.to(decision.expert_indices.device)[:, None] * E + decision.expert_indices
+        if decision.slot_mask is not None:
+            chosen = chosen[decision.slot_mask]
+        counts = torch.bincount(chosen.reshape(-1), minlength=S * E).double().view(S, E)
+        self.domain = counts if self.domain is None else self.domain + counts

@@ -11,11 +11,13 @@
     exchange.py     the all-to-all token exchange (forward/backward), timed, failures named
     clipping.py     the gradient norm and clipping with every expert counted once
     telemetry.py    `ep_metrics`: exchange time and token imbalance across ranks
+    recompute.py    activation recompute (`apply_recompute`, train.recompute), side effects counted once
     faults.py       test-only switches (a mis-scaled expert gradient, a dying or stuck rank)
     deepspeed.py    the one module that touches DeepSpeed (its imports, private attributes, the MoE
                     class swap, group tables, engine, optimizer wrappers)
 
-`build_engine` applies, in order: expert parallelism (when parallel.ep_size > 1), torch.compile of the
+`build_engine` applies, in order: expert parallelism (when parallel.ep_size > 1), activation recompute
+(train.recompute), torch.compile of the
 blocks (train.compile), AdamW over DeepSpeed's MoE parameter groups, the LR schedule,
 `deepspeed.initialize`, and under EP the fix of DeepSpeed's non-ZeRO gradient clipping.
 """
@@ -29,11 +31,12 @@ from moe.parallel.exchange import TokenExchange
 from moe.parallel.expert import (EXPERT_PARAM_NAMES, apply_expert_parallel, check_supported, expert_layout,
                                  gather_experts, model_groups, moe_layers, shard_experts)
 from moe.parallel.groups import ExpertParallelGroups, create_groups
+from moe.parallel.recompute import RECOMPUTE_MODES, apply_recompute
 from moe.parallel.telemetry import ep_metrics, exchanges
 
 __all__ = [
-    "CollectiveError", "DistInfo", "EXPERT_PARAM_NAMES", "ExpertParallelGroups", "TokenExchange",
-    "apply_compile", "apply_expert_parallel", "build_engine", "check_supported", "clip_grad_norm_",
+    "CollectiveError", "DistInfo", "EXPERT_PARAM_NAMES", "ExpertParallelGroups", "RECOMPUTE_MODES",
+    "TokenExchange", "apply_compile", "apply_recompute", "apply_expert_parallel", "build_engine", "check_supported", "clip_grad_norm_",
     "collective_failure", "create_groups", "deepspeed_config", "ep_metrics", "exchanges", "expert_layout",
     "fix_engine_clipping", "gather_experts", "global_grad_norm", "grad_norm", "init_distributed",
     "is_expert_param", "lr_lambda", "model_groups", "moe_layers", "optimizer_param_groups", "resolve_dtype",

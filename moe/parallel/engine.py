@@ -2,7 +2,9 @@
 
 `build_engine` applies, in order: expert parallelism (moe/parallel/expert.py `apply_expert_parallel`,
 when parallel.ep_size > 1: groups, local expert slices, the token exchange, DeepSpeed's view of the
-MoE layers), torch.compile of the blocks (`apply_compile`, when train.compile), AdamW with
+MoE layers), the materialisation of a model built on `meta` (`materialize_model`: this rank's
+weights only, initialised layout-free or loaded), activation recompute (moe/parallel/recompute.py `apply_recompute`, when train.recompute
+is not none), torch.compile of the blocks (`apply_compile`, when train.compile), AdamW with
 weight-decay groups split into DeepSpeed's MoE parameter groups, the warmup + cosine LR schedule, the
 DeepSpeed engine (ZeRO, clipping, accumulation, precision; moe/parallel/deepspeed.py `initialize`),
 and under EP the fix of DeepSpeed's non-ZeRO gradient clipping (moe/parallel/clipping.py).
@@ -10,14 +12,17 @@ and under EP the fix of DeepSpeed's non-ZeRO gradient clipping (moe/parallel/cli
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from moe.nn.init import has_meta, init_weights, materialize
 from moe.parallel import deepspeed as ds
+from moe.parallel import faults
 from moe.parallel.clipping import fix_engine_clipping, global_grad_norm
 from moe.parallel.distributed import DistInfo
-from moe.parallel.expert import apply_expert_parallel, model_groups
+from moe.parallel.expert import EXPERT_PARAM_NAMES, apply_expert_parallel, model_groups, moe_layers
+from moe.parallel.recompute import apply_recompute
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -75,13 +80,36 @@ def deepspeed_config(train, grad_accum: int, dtype: torch.dtype) -> Dict[str, An
     }
 
 
-def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: int):
+def materialize_model(model: torch.nn.Module, device: torch.device, seed: int,
+                      load_weights: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
+    """A model built on `meta` (moe/train/build.py), its experts already sliced to this rank's: allocate
+    on `device` what the rank holds, then fill it: `load_weights(model)` when given (the hook for
+    loading weights instead of initialising them), else the layout-free seeded init
+    (moe/nn/init.py). A model already materialised is left as it is."""
+    if not has_meta(model):
+        return
+    materialize(model, device)
+    if load_weights is not None:
+        load_weights(model)
+    else:
+        init_weights(model, seed)
+
+
+def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: int,
+                 load_weights: Optional[Callable[[torch.nn.Module], None]] = None):
     """Wrap the model in a DeepSpeed engine with a torch AdamW and a warmup+cosine schedule, after
-    sharding its experts when parallel.ep_size > 1 (the model must be built with the same seed on
-    every rank: each EP rank keeps its slice of the identically initialised experts)."""
+    sharding its experts when parallel.ep_size > 1 and materialising a model built on `meta`
+    (`materialize_model`: each rank allocates and initialises only its own experts). A model built on
+    a real device must be built with the same seed on every rank (each EP rank keeps its slice of the
+    identically initialised experts)."""
     t = cfg.train
-    apply_expert_parallel(model, cfg.parallel.ep_size, cfg.parallel.timeout_s)
-    if t.compile:
+    groups = apply_expert_parallel(model, cfg.parallel.ep_size, cfg.parallel.timeout_s)
+    materialize_model(model, dist_info.device, cfg.run.seed, load_weights)
+    if groups is not None:  # test-only; after materialising (hooks live on the Parameter objects)
+        faults.scale_expert_gradients([m.experts for m in moe_layers(model)], EXPERT_PARAM_NAMES)
+    if t.recompute != "none":
+        apply_recompute(model, t.recompute, compile_blocks=t.compile)
+    elif t.compile:
         apply_compile(model)
     dtype = resolve_dtype(t.dtype, dist_info.device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,

@@ -7,9 +7,12 @@ expert-parallel one, in three steps:
    tokens, and strided expert-data-parallel (EDP) groups, over which expert gradients are reduced;
    created with `parallel.timeout_s` and registered in DeepSpeed's group tables.
 
-2. Local experts (`shard_experts`): the stacked weights w13 [E, 2h, d] and w2 [E, d, h] were
-   initialised in full on every rank from the same seed, so EP rank p keeps the slice
-   [p*E/P, (p+1)*E/P) and starts from exactly the weights of the EP=1 model. The sliced parameters are
+2. Local experts (`shard_experts`): EP rank p keeps the slice [p*E/P, (p+1)*E/P) of the stacked
+   weights w13 [E, 2h, d] and w2 [E, d, h]. A training model is still on `meta` here (no memory):
+   moe/parallel/engine.py `materialize_model` then allocates only the slice and initialises each
+   expert from a generator keyed by its global id (moe/nn/init.py), so EP=N starts from exactly the
+   weights of the EP=1 model. (A model built on a device from the same seed on every rank, as tests
+   build it, is sliced the same way.) The sliced parameters are
    marked as DeepSpeed expert parameters, and the layer is made recognisable to DeepSpeed's engine as
    an MoE layer (moe/parallel/deepspeed.py `mark_expert_param`, `recognise_as_moe`); without that,
    parameters marked as experts are silently never reduced.
@@ -46,7 +49,6 @@ from torch import nn
 
 from moe.nn.moe_layer import MoELayer
 from moe.parallel import deepspeed as ds
-from moe.parallel import faults
 from moe.parallel.exchange import TokenExchange
 from moe.parallel.groups import ExpertParallelGroups, create_groups
 
@@ -108,7 +110,6 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, timeout_s: Optional[fl
         exchange.attach(layer.experts)
         layer.experts.token_exchange = exchange
         ds.recognise_as_moe(layer)
-    faults.scale_expert_gradients([layer.experts for layer in layers], EXPERT_PARAM_NAMES)
     return groups
 
 

@@ -1,110 +1,33 @@
 """`moe export RUN_OR_STEP_DIR --hf OUT`: a checkpoint as a Hugging Face transformers model folder.
 
 The architecture follows from the model's features: dense -> Llama (Qwen3 with per-head QK-norm);
-MoE -> Mixtral (softmax top-k, renormalised), OLMoE (QK-norm over the projections) or Qwen3-MoE
-(per-head QK-norm). A model no transformers architecture expresses (a router family, group limits,
-the aux-loss-free bias, a scaling factor, shared experts, dense layers between MoE layers, an eval
-capacity) is refused with an error naming the feature, never exported approximately.
+MoE -> Mixtral (softmax top-k, renormalised), OLMoE (QK-norm over the projections), Qwen3-MoE
+(per-head QK-norm) or, with shared experts, Qwen2-MoE (its sigmoid shared-expert gate exported as
+zero, exactly 1/2, with the shared down projection doubled; it also has dense blocks between MoE
+blocks). A model no transformers architecture expresses (a router family, group limits, the
+aux-loss-free bias, a scaling factor, shared experts with QK-norm, dense blocks without shared
+experts, an eval capacity) is refused with an error naming the feature, never exported approximately.
 
 The weights map one to one except RoPE: we rotate interleaved pairs (x[2i], x[2i+1]) of each head,
 transformers rotates halves (x[i], x[i + hd/2]), so the query and key rows (and a per-head QK-norm
-weight) are permuted within each head; the two models then compute the same logits.
+weight) are permuted within each head; the two models then compute the same logits. The mapping and
+the permutation (both ways, `model.init_from` reads with them) are in moe/nn/hf.py.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 
-from moe.config import (ConfigError, ModelConfig, attention_heads, config_from_yaml_text, dense_ffn_hidden, expert_hidden,
-                        moe_layer_ids)
+from moe.config import ConfigError, ModelConfig, config_from_yaml_text
 from moe.data import ByteTokenizer, HFTokenizer, Tokenizer, load_saved_tokenizer
+from moe.nn.hf import hf_architecture, to_hf_state_dict
 from moe.train.checkpoint.integrity import resolve_step_dir
 from moe.train.checkpoint.loading import consolidated_state_dict
 
 BYTES_EOS = "<|endoftext|>"
 """The name of the `bytes` tokenizer's EOS (id 256) in the exported tokenizer."""
-FEATURES_NO_HF_ARCHITECTURE_HAS = (
-    ("router", "topk", "a router family other than token-choice top-k"),
-    ("score_func", "softmax", "sigmoid scores"),
-    ("n_groups", 0, "group-limited routing"),
-    ("bias_update_rate", 0.0, "the aux-loss-free selection bias"),
-    ("routed_scaling_factor", 1.0, "a routed scaling factor"),
-    ("num_shared_experts", 0, "shared experts (transformers' Qwen2-MoE gates its shared expert by a sigmoid)"),
-    ("eval_capacity_factor", 0.0, "an eval capacity (transformers' MoE layers are dropless)"),
-    ("noisy_gating", False, "noisy gating (a learned noise projection)"),
-)
-
-
-def hf_architecture(m: ModelConfig) -> Tuple[str, Dict[str, Any]]:
-    """(transformers config class name, its keyword arguments) for ModelConfig `m`; a ConfigError
-    naming the feature when no architecture computes what our model computes."""
-    n_heads, n_kv, head_dim = attention_heads(m)
-    common = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
-                  num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-                  max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
-                  tie_word_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
-                  bos_token_id=None, eos_token_id=None, pad_token_id=None)  # not the architectures' own ids
-    e = m.moe
-    if e.num_experts == 0:
-        if m.qk_norm == "proj":
-            raise ConfigError("model.qk_norm=proj on a dense model: transformers' OLMo 2 has it, but with norms after "
-                              "attention and FFN, a different model; not exported")
-        return ("Qwen3Config" if m.qk_norm == "head" else "LlamaConfig"), dict(intermediate_size=dense_ffn_hidden(m),
-                                                                               **common)
-    for key, plain, what in FEATURES_NO_HF_ARCHITECTURE_HAS:
-        if getattr(e, key) != plain:
-            raise ConfigError(f"model.moe.{key}={getattr(e, key)}: {what}; no transformers architecture computes it, "
-                              f"so the model is not exported")
-    if moe_layer_ids(m) != list(range(m.n_layers)):
-        raise ConfigError(f"model.moe.moe_layers: dense blocks {sorted(set(range(m.n_layers)) - set(moe_layer_ids(m)))} "
-                          f"between MoE blocks; the exported architectures have experts in every block")
-    routed = dict(num_experts_per_tok=e.top_k, **common)
-    if m.qk_norm == "proj":
-        return "OlmoeConfig", dict(intermediate_size=expert_hidden(m), num_experts=e.num_experts,
-                                   norm_topk_prob=e.renormalize, **routed)
-    if m.qk_norm == "head":
-        return "Qwen3MoeConfig", dict(moe_intermediate_size=expert_hidden(m), num_experts=e.num_experts,
-                                      norm_topk_prob=e.renormalize, decoder_sparse_step=1, mlp_only_layers=[], **routed)
-    if not e.renormalize:
-        raise ConfigError("model.moe.renormalize=false without QK-norm: Mixtral renormalises the top-k gates (softmax "
-                          "over the chosen logits); set model.moe.renormalize=true, or use QK-norm (OLMoE, Qwen3-MoE)")
-    return "MixtralConfig", dict(intermediate_size=expert_hidden(m), num_local_experts=e.num_experts, **routed)
-
-
-def halves_from_pairs(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Reorder each head's rows (dim 0) from interleaved RoPE pairs to rotate-half order."""
-    heads = rows.reshape(-1, head_dim // 2, 2, *rows.shape[1:])
-    return heads.transpose(1, 2).reshape(rows.shape)
-
-
-def to_hf_state_dict(m: ModelConfig, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Our EP=1 state dict (stacked experts) under transformers' names, RoPE rows permuted."""
-    n_heads, n_kv, hd = attention_heads(m)
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["embed.weight"] if m.tie_embeddings else sd["head.weight"]}
-    for i in range(m.n_layers):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[ours + "attn.qkv.weight"].split([n_heads * hd, n_kv * hd, n_kv * hd])
-        out.update({theirs + "self_attn.q_proj.weight": halves_from_pairs(q, hd),
-                    theirs + "self_attn.k_proj.weight": halves_from_pairs(k, hd),
-                    theirs + "self_attn.v_proj.weight": v,
-                    theirs + "self_attn.o_proj.weight": sd[ours + "attn.proj.weight"],
-                    theirs + "input_layernorm.weight": sd[ours + "attn_norm.weight"],
-                    theirs + "post_attention_layernorm.weight": sd[ours + "ffn_norm.weight"]})
-        if m.qk_norm != "none":  # the norm's weight is permuted like the rows it scales
-            for name in ("q_norm", "k_norm"):
-                out[theirs + f"self_attn.{name}.weight"] = halves_from_pairs(sd[ours + f"attn.{name}.weight"], hd)
-        if m.moe.num_experts:
-            out.update({theirs + "mlp.gate.weight": sd[ours + "ffn.router.weight"],
-                        theirs + "mlp.experts.gate_up_proj": sd[ours + "ffn.experts.w13"],
-                        theirs + "mlp.experts.down_proj": sd[ours + "ffn.experts.w2"]})
-        else:
-            gate, up = sd[ours + "ffn.w13.weight"].chunk(2)
-            out.update({theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
-                        theirs + "mlp.down_proj.weight": sd[ours + "ffn.w2.weight"]})
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def hf_model(m: ModelConfig, sd: Dict[str, torch.Tensor]):

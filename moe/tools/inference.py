@@ -1,16 +1,18 @@
 """Load a trained run for sampling and evaluation (no DeepSpeed, one process)."""
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from moe.config import ConfigError, attention_heads, config_from_yaml_text
 from moe.data import load_saved_tokenizer
-from moe.io import RunFolder
+from moe.io import RunFolder, atomic_write
 from moe.nn.gpt import GPT, KVCache
+from moe.train import downstream
 from moe.train.checkpoint import integrity, loading
 def load_run(run_dir: str, tag: Optional[str] = None, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run folder's latest (or `tag`) checkpoint."""
@@ -122,3 +124,37 @@ def evaluate_dataset(model: GPT, dataset, seq_len: int, batch_size: int = 8, max
             break
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count}
+
+
+def evaluate_tasks(run_dir: str, tasks: str, include_path: str = "", limit: Optional[float] = None,
+                   num_fewshot: Optional[int] = None, batch_size: int = 8, tag: Optional[str] = None,
+                   out: Optional[str] = None) -> Dict[str, Any]:
+    """`moe eval RUN --tasks a,b`: lm-eval-harness tasks on a run's latest (or `tag`) checkpoint. The
+    flags and the task names are checked before the model loads; the results go to `out` as JSON."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"--limit must be > 0 (documents per task, or below 1 a fraction), got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if out and os.path.isdir(out):
+        raise ConfigError(f"--out {out}: a folder; name the JSON file to write")
+    manager, names = downstream.resolve_tasks(names, include_path, "--tasks")
+    model, tok, cfg = load_run(run_dir, tag)
+    lm = downstream.lm_eval_model(model, cfg.model, tok, batch_size)
+    result = downstream.run_tasks(lm, manager, names, limit, num_fewshot)
+    report = {"run": run_dir, "tag": tag, "tasks": names, "limit": limit, "num_fewshot": num_fewshot,
+              "results": result["metrics"], "samples": result["samples"]}
+    if out:
+        atomic_write(out, json.dumps(report, indent=2) + "\n", secrets=False)
+    return report
+
+
+def tasks_table(report: Dict[str, Any]) -> str:
+    """The results as a Markdown table: task, metric, value, documents."""
+    lines = ["| task | metric | value | documents |", "|---|---|---|---|"]
+    for task, row in report["results"].items():
+        for metric, value in row.items():
+            lines.append(f"| {task} | {metric} | {value:.6g} | {report['samples'].get(task, '')} |")
+    return "\n".join(lines)

@@ -9,21 +9,10 @@ from __future__ import annotations
 import copy
 from typing import Dict, Tuple
 
-import torch
-
 from moe.config import Config, ModelConfig
-from moe.nn.accounting import count_params
-from moe.nn.gpt import GPT
+from moe.nn.accounting import param_counts
 
-
-def param_counts(m: ModelConfig) -> Dict[str, int]:
-    """Parameter counts of the model `m` describes: built on the meta device (no memory, no init
-    cost, seconds even for Mixtral-8x7B) and counted as training counts them (`count_params`)."""
-    if m.vocab_size <= 0:
-        raise ValueError("model.vocab_size must be set (e.g. 257 for the bytes tokenizer) to count parameters")
-    with torch.device("meta"):
-        model = GPT(m)
-    return count_params(model)
+__all__ = ["match_dense", "param_counts", "replace_vocab"]  # param_counts lives in moe/nn/accounting.py
 
 
 def match_dense(cfg: Config, on: str = "active", multiple_of: int = 8) -> Tuple[Config, Dict[str, float]]:

@@ -2,8 +2,9 @@
 
 `moe train` and the `moe parity` workers both call `build_training`, so parity checks exactly what
 training runs: threads and the host-memory policy, the process group, seeds, data (resolving
-model.vocab_size from the tokenizer), the model, and the DeepSpeed engine (expert parallelism and
-torch.compile are applied there, from outside the model).
+model.vocab_size from the tokenizer), the model (built on `meta`), and the DeepSpeed engine (expert
+parallelism, the materialisation of this rank's weights with the layout-free init of moe/nn/init.py,
+activation recompute and torch.compile are applied there, from outside the model).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch.distributed as dist
 
 from moe import parallel
 from moe.config import Config, ConfigError, grad_accum_steps
-from moe.data import prepare_data
+from moe.data import prepare_training_data
 from moe.nn.gpt import GPT
 from moe.train.host_memory import keep_freed_memory
+from moe.train.init_from import load_init_source, open_init_source
 
 
 @dataclass
@@ -54,16 +56,21 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
     freed_memory_kept = cfg.train.keep_freed_memory and keep_freed_memory()
     dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     seed_everything(cfg.run.seed)
-    data = prepare_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier, seq_len=cfg.train.seq_len,
-                        batch_sequences=cfg.train.micro_batch_size * world_size)
+    data = prepare_training_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier,
+                                 seq_len=cfg.train.seq_len, batch_sequences=cfg.train.micro_batch_size * world_size,
+                                 world_size=world_size)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.tokenizer.vocab_size
     elif cfg.model.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({data.tokenizer.vocab_size})")
-    model = GPT(cfg.model).to(dist_info.device)
+    init_source = open_init_source(cfg)  # model.init_from, checked before anything is built
+    with torch.device("meta"):  # no memory: build_engine allocates and initialises this rank's weights only
+        model = GPT(cfg.model)
     accum = grad_accum_steps(cfg, world_size)
     engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
+    if init_source is not None:
+        load_init_source(engine, init_source, cfg, dist_info.rank)
     moe_layers = {b.layer_id: b.ffn for b in model.blocks if b.ffn in model.moe_layers()}
     return TrainingSetup(dist_info, data, model, engine, optimizer, scheduler, dtype, accum, moe_layers,
                          freed_memory_kept)

@@ -1,5 +1,8 @@
-"""Validation loss: the same first `train.eval_batches` micro-batches of every rank, each time."""
+"""Validation loss: the same first `train.eval_batches` micro-batches of every rank, each time; per source
+of a data mixture (`evaluate_sources`)."""
 from __future__ import annotations
+
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,3 +27,13 @@ def evaluate(engine, dataset, cfg: Config, dist_info, dtype) -> float:
     engine.train()
     dist.all_reduce(total)
     return float(total[0] / total[1])
+
+
+def evaluate_sources(engine, data, cfg: Config, dist_info, dtype) -> Tuple[float, Dict[str, float]]:
+    """(validation loss, {`loss/val/<source>`: loss}): a mixture's loss is the weighted mean of its
+    sources' (data.sources weights, normalised), each evaluated like a single dataset."""
+    if not data.sources:
+        return evaluate(engine, data.val, cfg, dist_info, dtype), {}
+    per_source = {f"loss/val/{src.name}": evaluate(engine, src.val, cfg, dist_info, dtype) for src in data.sources}
+    overall = sum(src.weight * per_source[f"loss/val/{src.name}"] for src in data.sources)
+    return overall, per_source

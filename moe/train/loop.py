@@ -17,15 +17,17 @@ import torch.distributed as dist
 
 from moe import parallel
 from moe.config import Config, global_batch_size, to_dict, to_yaml
-from moe.data import BatchSampler
+from moe.data import make_sampler
 from moe.errors import TrainingDiverged
 from moe.io import RunFolder, RunLock, atomic_write
-from moe.metrics import MetricLogger, measure_peak_flops, router_metrics
+from moe.metrics import MetricLogger, domain_metrics, measure_peak_flops, router_metrics, set_token_sources
 from moe.nn.accounting import count_params, flops_per_token
 from moe.parallel import CollectiveError, ep_metrics
 from moe.train.checkpoint import folders, saving
 from moe.train.build import TrainingSetup, build_training
-from moe.train.evaluate import evaluate
+from moe.train.downstream import InLoopTasks
+from moe.train.evaluate import evaluate, evaluate_sources
+from moe.train.plan import startup_line
 from moe.train.preemption import JobControl, Preemption
 from moe.train.resume import resume, rng_state
 from moe.train.run_dir import check_run_dir, prepare_run_dir, write_summary
@@ -55,8 +57,11 @@ def train(cfg: Config, launcher: Optional[JobControl] = None) -> Dict[str, Any]:
 def _train_locked(cfg: Config, world_size: int, is_writer: bool, launcher: Optional[JobControl]) -> Dict[str, Any]:
     preemption = Preemption(launcher)  # 3. from here on, a signal stops the run at a step boundary
     check_run_dir(cfg)  # 4. a folder that may not be used is refused before anything is built or written
+    t = cfg.train  # an unknown train.eval_tasks name fails here too
+    tasks = InLoopTasks(t.eval_tasks, t.eval_tasks_limit, t.eval_include_path, t.micro_batch_size)
     setup = build_training(cfg, world_size)  # 5. processes, data, model, engine (bad data fails here)
     run = _Run(cfg, setup, world_size, prepare_run_dir(cfg, is_writer, defer_config=True))  # 6. the folder
+    run.tasks = tasks
     run.resume()  # 7. from the newest verified checkpoint, if any
     run.start()  # 8. tokenizer, config, banner, metrics logger, summary "running"
     try:
@@ -98,9 +103,10 @@ class _Run:
         self.params = count_params(setup.model)
         self.flops = flops_per_token(cfg.model, cfg.train.seq_len)
         self.tokens_per_step = global_batch_size(cfg, world_size) * cfg.train.seq_len
-        self.sampler = BatchSampler(setup.data.train, cfg.train.seq_len, cfg.train.micro_batch_size, self.rank,
-                                    world_size, seed=cfg.run.seed)
+        self.sampler = make_sampler(setup.data, cfg.train.seq_len, cfg.train.micro_batch_size, self.rank,
+                                    world_size, seed=cfg.run.seed)  # a MixtureSampler over data.sources
         self.periodic = Periodic(cfg)
+        self.tasks: Optional[InLoopTasks] = None  # train.eval_tasks, run at each evaluation
         self.logger: Optional[MetricLogger] = None
         self.progress = None
         self.state: Dict[str, Any] = {}
@@ -125,6 +131,7 @@ class _Run:
             atomic_write(self.folder.config, to_yaml(cfg))  # with the resolved vocab size
             print(banner(cfg, self.run_dir, self.params, self.flops, self.tokens_per_step, self.world_size, s,
                          self.tag), flush=True)
+            print(startup_line(cfg, self.world_size, s.dist_info.device), flush=True)  # moe plan's estimate
             self.logger = MetricLogger(self.run_dir, cfg, to_dict(cfg), self.state["step"] if self.tag else None,
                                        self.state.get("wandb_id"))
         self.peak = measure_peak_flops(s.dist_info.device, s.dtype) * self.world_size
@@ -143,7 +150,7 @@ class _Run:
         s.engine.train()
         try:
             while state["step"] < self.cfg.train.steps:
-                result = optimizer_step(s.engine, s.model, self.sampler.next_batch, s.accum, s.dist_info.device,
+                result = optimizer_step(s.engine, s.model, self.next_batch, s.accum, s.dist_info.device,
                                         s.dtype)
                 step_loss, self.grad_norm = result.loss, result.grad_norm
                 state["step"] += 1
@@ -164,6 +171,14 @@ class _Run:
         finally:
             if self.progress:
                 self.progress.close()
+
+    def next_batch(self):
+        """The sampler's next micro-batch; for a mixture, its tokens' sources tagged for routing by domain."""
+        x, y = self.sampler.next_batch()
+        if self.setup.data.sources and self.setup.moe_layers:
+            set_token_sources(self.setup.moe_layers, self.sampler.last_sources, x.shape[1],
+                              len(self.setup.data.sources))
+        return x, y
 
     def after_step(self, step: int, stop: bool) -> None:
         if self.periodic.log(step):
@@ -189,7 +204,7 @@ class _Run:
         record = {"step": step, "tokens": state["tokens"], "flops": state["flops"],
                   "loss/train": self.train_loss, "lr": s.scheduler.get_last_lr()[0],
                   "grad_norm": self.grad_norm, "speed/tokens_per_s": tps,
-                  "speed/mfu": tps * self.flops["flops_per_token"] / self.peak, **router_metrics(s.moe_layers),
+                  "speed/mfu": tps * self.flops["flops_per_token"] / self.peak, **router_metrics(s.moe_layers), **domain_metrics(s.moe_layers, [src.name for src in s.data.sources]),
                   **ep_metrics(s.model, self.window_steps, elapsed)}
         if self.logger:
             self.logger.log(record)
@@ -199,13 +214,23 @@ class _Run:
 
     def evaluate(self, step: int) -> None:
         s = self.setup
-        self.val_loss = evaluate(s.engine, s.data.val, self.cfg, s.dist_info, s.dtype)
+        if s.data.sources:  # a mixture: loss/val/<source> and their weighted mean
+            self.val_loss, per_source = evaluate_sources(s.engine, s.data, self.cfg, s.dist_info, s.dtype)
+        else:
+            self.val_loss, per_source = evaluate(s.engine, s.data.val, self.cfg, s.dist_info, s.dtype), {}
         if not math.isfinite(self.val_loss):
             raise TrainingDiverged(f"step {step}: the validation loss is {self.val_loss}; stopped without saving "
                                    f"({_last_good(self.folder.checkpoints)})")
+        record = {"step": step, "tokens": self.state["tokens"], "flops": self.state["flops"],
+                  "loss/val": self.val_loss, "ppl/val": math.exp(min(self.val_loss, 50)), **per_source}
+        if self.tasks:  # every rank, in lockstep: a forward may be a collective (expert parallelism)
+            s.engine.eval()
+            try:
+                record.update(self.tasks.run(s.engine, self.cfg.model, s.data.tokenizer, s.dtype))
+            finally:
+                s.engine.train()
         if self.logger:
-            self.logger.log({"step": step, "tokens": self.state["tokens"], "flops": self.state["flops"],
-                             "loss/val": self.val_loss, "ppl/val": math.exp(min(self.val_loss, 50))})
+            self.logger.log(record)
 
     def save(self, step: int) -> None:
         state = self.state

@@ -19,7 +19,8 @@ from moe.train.checkpoint.folders import list_steps, step_tag
 
 # Keys whose change does not make a run folder "another run": extending or re-logging a run is fine,
 # and so is resuming at another parallel layout (checkpoints are layout-free, see moe/train/checkpoint/).
-RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.eval_batches", "logging",
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.eval_batches", "train.eval_tasks",
+                  "train.eval_tasks_limit", "train.eval_include_path", "logging",
                   "checkpoint", "run.overwrite", "train.threads", "train.keep_freed_memory", "parallel",
                   "train.zero_stage")
 

@@ -1,4 +1,4 @@
-"""benchmarks/{layer,train,dispatch}.py: tiny end-to-end invocations (the tables and JSON they promise),
+"""benchmarks/{layer,train,dispatch,prepare}.py: tiny end-to-end invocations (the tables and JSON they promise),
 so the benchmarks BENCHMARKS.md quotes keep running. Timings are not checked."""
 import json
 import os
@@ -52,3 +52,31 @@ def test_dispatch_benchmark_quick(tmp_path):
     assert res["allocator"] == ("freed memory kept for reuse" if can_keep_freed_memory() else "system default")
     ops_seen = {(r["op"], r["impl"]) for shape in res["shapes"] for r in shape["results"]}
     assert ("unpermute bwd", "ours") in ops_seen and ("permute fwd", "reference") in ops_seen
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_benchmark_measures_each_rank_holding_its_own_experts(tmp_path):
+    """`moe bench memory` (benchmarks/memory.py): 2 gloo ranks at ep=2 with full recompute, a tiny model;
+    each rank built on meta holds the non-expert weights and half of the experts (counted here from
+    the shapes), and the table and JSON carry the peak, the expected figure and the step time."""
+    d, E, h, layers, vocab = 64, 8, 32, 4, 257
+    stdout, res = _bench("memory", "--nproc", "2", "--cases", "ep=2,recompute=full", "--steps", "1", "--warmup", "0",
+                         "--micro-batch", "1", f"model.d_model={d}", "model.n_heads=2", f"model.moe.num_experts={E}",
+                         f"model.moe.expert_hidden={h}", "train.seq_len=64", tmp_path=tmp_path)
+    (row,) = res["rows"]
+    non_expert = vocab * d + layers * (4 * d * d + E * d + 2 * d) + d  # tied head; attention, router, norms
+    local_experts = layers * (E // 2) * 3 * d * h
+    assert [r["params"] for r in row["ranks"]] == [non_expert + local_experts] * 2
+    assert row["expected"] > 16 * (non_expert + local_experts) and row["step_s"] > 0 and row["peak"] > 0
+    assert "ep=2,recompute=full" in stdout and "expected" in stdout
+
+
+@pytest.mark.slow
+def test_prepare_benchmark_compares_workers_and_datasets(tmp_path):
+    stdout, res = _bench("prepare", "--mb", "1", "--shard-mb", "0.25", "--no-kill", tmp_path=tmp_path)
+    variants = res["variants"]
+    assert set(variants) == {"prepare w1", "prepare w2", "datasets map w2"}
+    assert len({v["tokens"] for v in variants.values()}) == 1  # the same tokens counted three ways
+    assert all(v["seconds"] > 0 and v["cpu_seconds"] > 0 for v in variants.values())
+    assert "| prepare w2 |" in stdout and "load average" in stdout

@@ -71,16 +71,22 @@ def test_ep_equals_ep1_outputs_gradients_and_loss_curve(workdir, corpus, data_ca
 @pytest.mark.distributed
 def test_ep_with_zero_1_and_2(workdir, corpus, data_cache, tmp_path):
     """ZeRO 1 and 2 under expert parallelism, one layout also torch.compile-d (train.compile: the
-    exchange runs eagerly between compiled parts), all equal to eager EP=1 without ZeRO; the model
-    has grouped-query attention, per-head QK-norm and a head width independent of d_model."""
+    exchange runs eagerly between compiled parts), two with activation recompute (train.recompute:
+    compiled blocks recomputed whole; the expert region, exchange included, recomputed under ZeRO 2),
+    all equal to eager EP=1 without ZeRO or recompute (losses, aux and z losses, grad norm, token counts
+    per step: statistics counted once); the model has grouped-query attention, per-head QK-norm and a
+    head width independent of d_model."""
     keep = tmp_path / "parity"
-    layouts = ["ep=1,nproc=1", "ep=2,nproc=2,zero=1,compile=true", "ep=2,nproc=4,zero=2", "ep=4,nproc=4,zero=1"]
+    layouts = ["ep=1,nproc=1", "ep=2,nproc=2,zero=1,compile=true,train.recompute=full",
+               "ep=2,nproc=4,zero=2,train.recompute=moe", "ep=4,nproc=4,zero=1"]
     gqa = ("model.n_kv_heads=1", "model.head_dim=16", "model.qk_norm=head")
-    proc = parity(workdir, corpus, data_cache, layouts, steps=STEPS, keep=keep, extra=gqa)
+    upcycled = _upcycle_from_dense(tmp_path / "dense_hf", gqa)  # a dense Qwen3 folder made into 4 experts of h/2
+    proc = parity(workdir, corpus, data_cache, layouts, steps=STEPS, keep=keep, extra=gqa + upcycled)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ref = load(keep / "layout0" / "weights.safetensors")
     for i in range(1, len(layouts)):
         assert_close(load(keep / f"layout{i}" / "weights.safetensors"), ref, f"{layouts[i]} weights after {STEPS} steps")
+    _check_export(keep / "layout2" / "weights.safetensors", gqa + upcycled, tmp_path / "exported")
 
 
 @pytest.mark.slow
@@ -204,3 +210,45 @@ def test_a_failed_collective_is_named_with_its_caller():
     assert msg.startswith("rank 1 of 4: collective all_reduce called from deepspeed/runtime/engine.py:allreduce_bucket")
     assert "parallel.timeout_s=20" in msg and "Timed out waiting 20000ms" in msg
     assert collective_failure(ValueError("not distributed"), 0, 1, 20) is None
+
+
+def _upcycle_from_dense(folder, gqa):
+    """A dense Qwen3 folder of debug_dense's shape (transformers' names, random weights) and the
+    overrides that upcycle it into debug_moe's 4 experts of half the dense hidden size (granular)."""
+    import torch
+
+    from moe.config import load_config
+    from moe.nn.gpt import GPT
+    from moe.tools.hf_export import hf_model
+
+    cfg = load_config(os.path.join(ROOT, "experiments", "debug_dense.yaml"), ["model.vocab_size=257", *gqa])
+    torch.manual_seed(0)
+    hf_model(cfg.model, GPT(cfg.model).state_dict()).save_pretrained(str(folder))
+    return (f"model.init_from={folder}", "model.upcycle=granular", "model.moe.renormalize=true")
+
+
+def _check_export(weights, overrides, out):
+    """The model trained at ep=2 + ZeRO-2, exported (Qwen3-MoE) and loaded by transformers'
+    from_pretrained: its logits equal ours within 1e-4 and greedy decoding (ours with the KV cache)
+    gives the same tokens."""
+    import torch
+    import transformers
+
+    from moe.config import load_config
+    from moe.nn.gpt import GPT
+    from moe.tools.hf_export import hf_model
+    from moe.tools.inference import generate
+
+    cfg = load_config(DEBUG_MOE, ["model.vocab_size=257", "model.moe.dispatch=reference", *overrides])
+    ours = GPT(cfg.model).eval()
+    missing, unexpected = ours.load_state_dict(load(weights), strict=False)
+    assert set(missing) <= {"head.weight"} and not unexpected, (missing, unexpected)
+    hf_model(cfg.model, ours.state_dict()).save_pretrained(str(out))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    x = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x).logits, rtol=1e-4, atol=1e-4)
+        prompt = x[0, :8].tolist()
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:]
+    assert generate(ours, prompt, 12, temperature=0.0) == theirs.tolist()

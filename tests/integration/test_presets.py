@@ -15,6 +15,7 @@ import torch
 
 from moe.config import attention_heads, expert_hidden, load_config, moe_layer_ids
 from moe.tools.match import param_counts
+from moe.train.plan import GB, Layout, estimate, table_cell
 from moe.validate import validate
 from tests.helpers import ROOT
 
@@ -123,8 +124,11 @@ def test_the_readme_table_is_what_the_code_computes():
     rows = [line for line in readme.splitlines() if line.startswith("| `") and "heads x" in line]
     assert len(rows) == 15
     for row in rows:
-        name, _, total, active, flops = [c.strip() for c in row.strip("|").split("|")]
+        name, _, total, active, flops, plan = [c.strip() for c in row.strip("|").split("|")]
         cfg = _preset(name.strip("`"))
         counts = _counts(name.strip("`"))
         assert total == f"{counts['params_total'] / 1e9:.3f}B" and active == f"{counts['params_active'] / 1e9:.3f}B", name
         assert flops == f"{flops_per_token(cfg.model, cfg.train.seq_len)['flops_per_token']:.3e}", name
+        # `moe plan PRESET --nodes 1 --gpus-per-node 8 --gpu-memory 80GB`, in a few words
+        assert plan == table_cell(estimate(cfg, Layout(nodes=1, gpus_per_node=8, memory=80 * GB), counts=counts,
+                                           advise=False)), name

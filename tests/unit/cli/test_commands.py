@@ -341,3 +341,22 @@ def test_generate_and_eval_on_a_folder_that_is_not_a_run(tmp_path, capsys, comma
     flags = ["--prompt", "x"] if command == "generate" else ["--data", str(tmp_path / "d.txt")]
     line = fails(capsys, [command, str(tmp_path), *flags])
     assert line == f"error: {tmp_path}: not a run folder (no config.yaml)"
+
+
+def test_data_prepare_prints_a_summary_and_resumes(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        (tmp_path / "docs" / f"d{i}.txt").write_text(f"document {i} " * 50)
+    (tmp_path / "data.yaml").write_text(f"dataset: {tmp_path / 'docs'}\nval_fraction: 0.3\n")
+    argv = ["data", "prepare", str(tmp_path / "data.yaml"), f"data.cache_dir={tmp_path / 'cache'}",
+            "--out", str(tmp_path / "out"), "--no-progress", "--shard-mb", "0.001"]
+    main(argv)
+    out = capsys.readouterr().out
+    n_bytes = 6 * len("document 0 " * 50)  # two documents per 1048-character shard; + one EOS each
+    assert f"{tmp_path / 'out'}: {n_bytes + 6:,} tokens tokenized in" in out and "tokens/s, 1 workers)" in out
+    assert f"6 documents, {n_bytes + 6:,} tokens" in out and f"{n_bytes:,} bytes of text, 3 shards, tokenizer bytes" in out
+    assert f"train on it with data.dataset={tmp_path / 'out'} data.tokenizer=bytes" in out
+    main(argv)
+    assert "already prepared" in capsys.readouterr().out
+    assert fails(capsys, argv[:3] + ["--workers", "0", "--out", str(tmp_path / "x")]) == \
+        "error: --workers must be >= 1, got 0"

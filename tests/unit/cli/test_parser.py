@@ -38,7 +38,7 @@ def test_the_commands_are_those_the_cli_docstring_lists():
 def test_every_cmd_function_is_reachable_from_exactly_one_command():
     funcs = []
     for name, sub in subcommands(build_parser()).items():
-        if name == "ckpt":
+        if name in ("ckpt", "data"):
             funcs += [s.get_default("func") for s in subcommands(sub).values()]
         else:
             funcs.append(sub.get_default("func"))
@@ -97,13 +97,16 @@ def test_eval_flags_and_defaults():
 
 @pytest.mark.parametrize("argv,flag", [
     (["generate", "runs/x"], "--prompt"),
-    (["eval", "runs/x"], "--data"),
     (["compare", "runs/a"], "--out"),
     (["report", "runs/s"], "--out"),
     (["parity", "c.yaml"], "--layouts"),
 ])
 def test_required_flags(capsys, argv, flag):
     assert f"the following arguments are required: {flag}" in refused(capsys, *argv)
+
+
+def test_eval_needs_data_or_tasks(capsys):
+    assert "one of the arguments --data --tasks is required" in refused(capsys, "eval", "runs/x")
 
 
 @pytest.mark.parametrize("argv,text", [
@@ -113,6 +116,8 @@ def test_required_flags(capsys, argv, flag):
     (["launch", "c.yaml", "--launcher", "mpirun"], "argument --launcher: invalid choice: 'mpirun'"),
     (["launch", "c.yaml", "--local", "x"], "argument --local: invalid int value"),
     (["ckpt"], "the following arguments are required: ckpt_command"),
+    (["data"], "the following arguments are required: data_command"),
+    (["data", "prepare", "d.yaml", "--workers", "two"], "argument --workers: invalid int value"),
     (["ckpt", "verify"], "the following arguments are required: dir"),
     (["ckpt", "export", "d"], "the following arguments are required: out"),
     ([], "the following arguments are required: command"),

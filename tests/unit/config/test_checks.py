@@ -107,6 +107,11 @@ def test_sizes_that_would_allocate_absurd_memory(overrides, match):
     assert re.search(match, error_of(overrides))
 
 
+def test_recompute_must_be_a_known_mode():
+    assert re.search(r"^train\.recompute must be none, moe or full, got 'blocks'", error_of(["train.recompute=blocks"]))
+    load_config(MOE_YAML, ["train.recompute=full"])  # a known one loads
+
+
 TEXT_VALUES = ["0", "-1", "1", "2", "3", "8", "nan", "inf", "-inf", ".inf", "-.inf", ".nan", "1e12", "1e3", "1e-3",
                "1e-300", "1e400", "-1e400", "1.5", "0.5", "'1e12'", '"3"', "true", "null", "", "abc", "[1]", "[0,1]",
                "[1e0]", "[-1]", "{a: 1}", "0x10", "1_000", "${train.steps}", "${oc.env:NOPE_NOT_SET}", "???",
@@ -200,3 +205,19 @@ def test_sweep_run_names_must_fit(tmp_path):
     path = write_sweep(tmp_path, "variants:\n  - {logging.wandb.project: " + "p" * 250 + "}\n")
     with pytest.raises(ConfigError, match=r"a run name must be a plain folder name: 'project=ppp.*bytes long"):
         load_sweep(path, runs_root=str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["train.eval_tasks=[a,a]"], "train.eval_tasks: a task named twice"),
+    (["train.eval_tasks=['a,b']"], "train.eval_tasks: 'a,b' is not a task name"),
+    (["train.eval_tasks=['']"], "train.eval_tasks: '' is not a task name"),
+    (["train.eval_include_path=no/such/folder"], "train.eval_include_path=no/such/folder: not a folder"),
+    (["train.eval_tasks_limit=-1"], "train.eval_tasks_limit"),
+])
+def test_eval_tasks_are_checked(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate(load_config(os.path.join(ROOT, "experiments", "debug_moe.yaml"), overrides))
+    ok = load_config(os.path.join(ROOT, "experiments", "debug_moe.yaml"),
+                     ["train.eval_tasks=[arc_easy,tests/x.yaml]", f"train.eval_include_path={ROOT}"])
+    validate(ok)
+    assert ok.train.eval_tasks == ["arc_easy", "tests/x.yaml"]

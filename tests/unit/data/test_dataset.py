@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe import data
+from moe.data import dataset as dataset_module
 from moe.config import DataConfig
 from moe.errors import DataError
 from tests.helpers import (
@@ -139,3 +140,30 @@ def test_eval_of_an_empty_file(tmp_path):
     with pytest.raises(DataError, match=r"evaluation data '.*empty.jsonl'.*no non-empty 'text' values"):
         data.tokenize_file_for_eval(str(tmp_path / "empty.jsonl"), data.ByteTokenizer(), str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------ shards, large corpora on many ranks
+
+
+def test_concat_reads_like_one_array():
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 500, n).astype(np.uint16) for n in (7, 1, 30, 12)]
+    whole = np.concatenate(parts)
+    cat = dataset_module._Concat(parts)
+    assert cat.shape == whole.shape and len(cat) == len(whole)
+    idx = rng.integers(0, len(whole), (5, 9))
+    np.testing.assert_array_equal(cat[idx], whole[idx])
+    np.testing.assert_array_equal(cat[5:40], whole[5:40])
+
+
+def test_large_corpus_on_many_ranks_asks_for_moe_data_prepare(tmp_path, monkeypatch):
+    write_text_folder(tmp_path / "docs", n_docs=10)
+    monkeypatch.setattr(dataset_module, "PREPARE_THRESHOLD_BYTES", 1000)
+    cfg = DataConfig(dataset=str(tmp_path / "docs"), cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
+    with pytest.raises(DataError, match=r"not tokenized yet, and a 2-process run would wait.*`moe data prepare"):
+        data.prepare_data(cfg, is_writer=False, barrier=lambda: pytest.fail("must stop before the barrier"),
+                          world_size=2)
+    assert not (tmp_path / "cache").exists()
+    data.prepare_data(DataConfig(**{**cfg.__dict__, "max_bytes": 900}), world_size=2)  # under it: as before
+    data.prepare_data(cfg)  # one process tokenizes it; then the cache serves many
+    data.prepare_data(cfg, is_writer=False, barrier=lambda: None, world_size=2)

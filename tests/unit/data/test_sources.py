@@ -12,6 +12,7 @@ import pytest
 
 from moe import data
 from moe.config import DataConfig
+from moe.config import DataSourceConfig
 from moe.data import sources
 from moe.errors import ConfigError, DataError
 from tests.helpers import data_cfg, prepare_fails, split_docs, text_of, write_jsonl
@@ -43,6 +44,21 @@ def test_embedded_stdlib_small(tmp_path):
     rel = [os.path.relpath(p, sysconfig.get_paths()["stdlib"]) for p in files]
     assert rel == sorted(rel) and len(rel) > 300
     assert not any(part in ("test", "tests", "idle_test", "site-packages") for r in rel for part in r.split(os.sep))
+
+
+def test_embedded_stdlib_docs_are_the_docstrings(tmp_path):
+    import ast
+
+    source = sources._resolve_source("embedded:stdlib-docs", None, "text")
+    assert source.slug == "stdlib-docs" and source.fingerprint["name"] == "embedded:stdlib-docs"
+    docs = source.documents(sources._ByteBudget(50_000))
+    first = next(docs)
+    docs.close()
+    path = next(p for p in source.files if ast.get_docstring(ast.parse(open(p, "rb").read())))
+    assert first.startswith(ast.get_docstring(ast.parse(open(path, "rb").read())))
+    assert "def " not in first.split("\n")[0]
+    cfg = DataConfig(dataset="embedded:stdlib-docs", max_bytes=50_000, cache_dir=str(tmp_path / "c"), val_fraction=0.2)
+    assert data.prepare_data(cfg).train.num_tokens > 30_000
 
 
 # --------------------------------------------------------------------------- empty or missing data
@@ -154,7 +170,8 @@ def test_check_config_bpe_vocab_too_small():
 def test_check_config_unknown_embedded_corpus():
     with pytest.raises(ConfigError) as info:
         data.check_config(DataConfig(dataset="embedded:nothing"))
-    assert str(info.value) == "data.dataset: unknown embedded corpus 'embedded:nothing'; known: embedded:stdlib"
+    assert str(info.value) == ("data.dataset: unknown embedded corpus 'embedded:nothing'; known: embedded:stdlib, "
+                               "embedded:stdlib-docs")
 
 
 @pytest.mark.parametrize("spec", ["./missing", "/no/such/moe/dir", "~/no_such_moe_dir/x", "corpus.txt", "a.md",
@@ -164,3 +181,29 @@ def test_check_config_missing_local_dataset(tmp_path, monkeypatch, spec):
     with pytest.raises(ConfigError) as info:
         data.check_config(DataConfig(dataset=spec))
     assert str(info.value) == f"data.dataset: file not found: {spec}"
+
+
+@pytest.mark.parametrize("sources,message", [
+    ([("a", "embedded:stdlib", 0.0)], r"data.sources\[0\] \('a'\): weight must be a finite number > 0, got 0.0"),
+    ([("a", "embedded:stdlib", -1.0)], r"data.sources\[0\] \('a'\): weight must be a finite number > 0, got -1.0"),
+    ([("a", "embedded:stdlib", float("nan"))], r"weight must be a finite number > 0, got nan"),
+    ([("a", "embedded:stdlib", 1.0), ("a", "embedded:stdlib", 1.0)],
+     r"data.sources\[1\] \('a'\): the name 'a' is used twice"),
+    ([("", "embedded:stdlib", 1.0)], r"data.sources\[0\]: name must be non-empty"),
+    ([("a/b", "embedded:stdlib", 1.0)], r"name must be non-empty letters, digits"),
+    ([("a", "", 1.0)], r"data.sources\[0\] \('a'\): no dataset"),
+    ([("a", "./no/such.txt", 1.0)], r"data.sources\[0\] \('a'\).dataset: file not found: ./no/such.txt"),
+    ([("a", "embedded:nope", 1.0)], r"data.sources\[0\] \('a'\).dataset: unknown embedded corpus"),
+])
+def test_check_config_bad_sources(sources, message):
+    d = DataConfig(sources=[DataSourceConfig(name=n, dataset=ds, weight=w) for n, ds, w in sources])
+    with pytest.raises(ConfigError, match=message):
+        data.check_config(d)
+
+
+def test_check_config_sources_need_one_tokenizer():
+    d = DataConfig(tokenizer="bpe", sources=[DataSourceConfig(name="a", dataset="embedded:stdlib")])
+    with pytest.raises(ConfigError, match="data.sources: a mixture needs one tokenizer"):
+        data.check_config(d)
+    # with sources, data.dataset is unused: not checked
+    data.check_config(DataConfig(dataset="./gone.txt", sources=[DataSourceConfig(name="a", dataset="embedded:stdlib")]))

@@ -3,7 +3,7 @@ import pytest
 
 from moe.config import ConfigError, load_config
 from moe.launch import LaunchError, LaunchOptions, launch, parse_array_spec
-from moe.launch.options import check_options, check_tasks, resolve_tasks, world_size
+from moe.launch.options import check_options, check_plans, check_tasks, resolve_tasks, world_size
 
 TINY = ["train.steps=3", "train.log_every=1", "train.eval_every=0"]
 
@@ -100,3 +100,27 @@ def test_check_tasks_names_the_run_and_refuses_a_shared_folder(workdir, monkeypa
     same = load_config("experiments/debug_moe.yaml", TINY)
     with pytest.raises(LaunchError, match=r"array tasks share a run folder: \['debug_moe', 'debug_moe'\]"):
         check_tasks(opts(), [(0, same), (1, same)])
+
+
+def test_a_run_that_does_not_fit_is_refused_before_anything_is_written(workdir, monkeypatch, capsys, fake_slurm):
+    """`moe plan`'s verdict: debug_moe at 64 sequences of 64 tokens needs more than 2.03 GiB per GPU (2 of
+    them the fixed overhead); the launch is refused with one error naming the largest term and an override
+    that fits, before the run folder or sbatch; --force submits it; a CPU job (--cpu) is never checked."""
+    monkeypatch.chdir(workdir)
+    big = opts(overrides=TINY + ["train.micro_batch_size=64"], gpu_memory="2.03GiB", cpu=None)
+    with pytest.raises(LaunchError, match=r"does not fit: .* largest term activations .*; try train\.\S+=.*"
+                                          r"--force submits anyway"):
+        launch(big)
+    assert not (workdir / "runs").exists() and not (fake_slurm / "sbatch.calls").exists()
+    assert launch(opts(overrides=big.overrides, gpu_memory="2.03GiB", force=True)) == 0
+    assert "[moe plan] does not fit" in capsys.readouterr().err
+    assert launch(opts(overrides=big.overrides, gpu_memory="2.03GiB", cpu=True)) == 0
+    assert "[moe plan] estimated peak" in capsys.readouterr().err
+
+
+def test_a_run_whose_vocabulary_comes_from_a_pretrained_tokenizer_is_not_planned(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    o = opts(overrides=TINY + ["data.tokenizer=gpt2"], gpu_memory="0.1GB")
+    (task,) = check_tasks(o, [(None, load_config(o.config, o.overrides))])
+    assert check_plans(o, [task], cuda_available=True) == [
+        "[moe plan] not checked: set model.vocab_size (tokenizer 'gpt2') to plan the run before it starts"]

@@ -14,7 +14,8 @@ from moe.config import load_config
 from moe.metrics import router_metrics
 from moe.nn.gpt import GPT
 from moe.parallel import deepspeed as ds
-from moe.parallel.engine import apply_compile, deepspeed_config, lr_lambda, optimizer_param_groups, resolve_dtype
+from moe.parallel.engine import (apply_compile, deepspeed_config, lr_lambda, materialize_model, optimizer_param_groups,
+                                 resolve_dtype)
 
 
 def _tiny(overrides):
@@ -117,3 +118,24 @@ def test_deepspeed_config():
     assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"] == {"stage": 1}
     assert cfg["bf16"] == {"enabled": True}
     assert deepspeed_config(t, 1, torch.float32)["bf16"] == {"enabled": False}
+
+
+def test_materialize_model_initialises_from_the_seed_or_calls_the_loader():
+    """A meta-built model is allocated and given the seeded init (the same at every call), or handed to
+    `load_weights` instead (the hook for loading weights); a model on a device is left alone."""
+    cfg = _tiny([])
+    models = []
+    for _ in range(2):
+        with torch.device("meta"):
+            models.append(GPT(cfg))
+        materialize_model(models[-1], torch.device("cpu"), seed=3)
+    assert torch.equal(models[0].blocks[1].ffn.experts.w13, models[1].blocks[1].ffn.experts.w13)
+    with torch.device("meta"):
+        loaded = GPT(cfg)
+    seen = []
+    materialize_model(loaded, torch.device("cpu"), seed=3,
+                      load_weights=lambda m: seen.append(all(not p.is_meta for p in m.parameters())))
+    assert seen == [True]
+    before = models[0].embed.weight.clone()
+    materialize_model(models[0], torch.device("cpu"), seed=4)
+    assert torch.equal(models[0].embed.weight, before)

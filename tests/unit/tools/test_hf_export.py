@@ -1,4 +1,4 @@
-"""moe/tools/hf_export.py: our models as transformers' Llama, Qwen3, Mixtral, OLMoE and Qwen3-MoE,
+"""moe/tools/hf_export.py: our models as transformers' Llama, Qwen3, Mixtral, OLMoE, Qwen3-MoE and Qwen2-MoE,
 computing the same logits (to fp32 rounding), and every model no transformers architecture expresses
 refused by name. `moe export` end to end on the committed format-1 checkpoint."""
 import os
@@ -10,7 +10,8 @@ import torch
 from moe.cli import main
 from moe.config import ConfigError, load_config
 from moe.nn.gpt import GPT
-from moe.tools.hf_export import halves_from_pairs, hf_architecture, hf_model, to_hf_state_dict
+from moe.nn.hf import hf_architecture, to_hf_state_dict
+from moe.tools.hf_export import hf_model
 from tests.helpers import ROOT
 
 transformers = pytest.importorskip("transformers")
@@ -25,6 +26,9 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": ["model.moe.num_experts=4", "model.moe.renormalize=true", "model.n_heads=4",
                             "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=head",
                             "model.tie_embeddings=false"],
+    # shared experts (gate zero, down projection doubled) and a dense block before the MoE block
+    "Qwen2MoeForCausalLM": ["model.moe.num_experts=4", "model.moe.num_shared_experts=2", "model.moe.moe_every=2",
+                            "model.moe.expert_hidden=16", "model.n_kv_heads=1"],
 }
 
 
@@ -58,18 +62,13 @@ def test_without_the_rope_permutation_the_logits_differ():
         assert float((hf(x).logits - ours(x).logits).abs().max()) > 1e-2
 
 
-def test_halves_from_pairs_reorders_each_head():
-    rows = torch.arange(8.0)[:, None]  # two heads of width 4: pairs (0,1) (2,3) | (4,5) (6,7)
-    assert halves_from_pairs(rows, 4)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
-
-
 @pytest.mark.parametrize("overrides, named", [
     (["model.moe.router=hash"], "model.moe.router=hash"),
     (["model.moe.score_func=sigmoid"], "model.moe.score_func=sigmoid"),
     (["model.moe.n_groups=2", "model.moe.topk_groups=1"], "model.moe.n_groups=2"),
     (["model.moe.bias_update_rate=0.01"], "model.moe.bias_update_rate=0.01"),
     (["model.moe.routed_scaling_factor=2.5"], "model.moe.routed_scaling_factor=2.5"),
-    (["model.moe.num_shared_experts=1"], "model.moe.num_shared_experts=1"),
+    (["model.moe.num_shared_experts=1", "model.qk_norm=head"], "model.qk_norm=head with model.moe.num_shared_experts=1"),
     (["model.moe.moe_every=2"], "model.moe.moe_layers: dense blocks [0]"),
     (["model.moe.eval_capacity_factor=1.5"], "model.moe.eval_capacity_factor=1.5"),
     ([], "model.moe.renormalize=false"),

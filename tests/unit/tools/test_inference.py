@@ -297,3 +297,23 @@ def test_evaluate_dataset_smaller_than_one_window(tmp_path):
     with pytest.raises(ValueError) as info:
         evaluate_dataset(tiny_model("model.vocab_size=257"), dataset, 16)
     assert str(info.value) == f"the evaluation data has {dataset.num_tokens} tokens, fewer than one window of 17"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--limit", "0"], "--limit must be > 0"),
+    (["--limit", "nan"], "--limit must be > 0"),
+    (["--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--out", "."], "--out .: a folder"),
+])
+def test_eval_tasks_flags_fail_before_the_run_is_opened(tmp_path, monkeypatch, capsys, flags, named):
+    monkeypatch.setattr("moe.tools.inference.load_run", lambda *a, **k: pytest.fail("the run was opened"))
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path), "--tasks", "arc_easy", *flags])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_eval_takes_data_or_tasks_not_both(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--data", "x.txt", "--tasks", "arc_easy"])
+    assert "not allowed with argument" in capsys.readouterr().err

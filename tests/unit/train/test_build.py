@@ -113,21 +113,30 @@ def test_the_data_is_tokenized_into_the_cache(built, data_cache):
 
 
 def test_the_model_is_initialised_from_run_seed(built):
-    """The engine's model at build time is what GPT(cfg) makes right after seed_everything(run.seed)."""
+    """The engine's model at build time is the layout-free init of run.seed (moe/nn/init.py): GPT built on
+    meta, materialised and initialised from (run.seed, name) keyed generators, whatever the global RNG."""
     from moe.config import load_config
+    from moe.nn.init import init_weights, materialize
     from tests.helpers import ROOT
 
     initial = load_file(os.path.join(built["dir"], "initial.safetensors"))
     cfg = load_config(os.path.join(ROOT, "experiments", "debug_moe.yaml"),
                       ["model.d_model=32", "model.ffn_hidden=64", "model.moe.expert_hidden=32", "train.seq_len=32",
                        "model.moe.bias_update_rate=0.01", "model.vocab_size=257"])
-    seed_everything(built["moe"]["seed"])
-    mine = GPT(cfg.model).state_dict()
+
+    def init(seed):
+        torch.manual_seed(seed + 12345)  # the global RNG plays no part
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        materialize(model, torch.device("cpu"))
+        init_weights(model, seed)
+        return model.state_dict()
+
+    mine = init(built["moe"]["seed"])
     assert set(initial) == set(mine)
     for name, t in mine.items():
         assert torch.equal(initial[name], t.float()), name
-    seed_everything(built["moe"]["seed"] + 1)
-    assert not torch.equal(GPT(cfg.model).state_dict()["embed.weight"], initial["embed.weight"])
+    assert not torch.equal(init(built["moe"]["seed"] + 1)["embed.weight"], initial["embed.weight"])
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():

@@ -108,3 +108,15 @@ def test_a_real_model_is_evaluated_on_those_batches_and_left_training(tmp_path, 
     assert loss == pytest.approx(sum(expected) / 3, rel=1e-6)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_evaluate_sources_is_the_weighted_mean_of_each_sources_loss(monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda engine, ds, *a: seen.append(ds) or {"c": 2.0, "d": 4.0}[ds])
+    data = types.SimpleNamespace(val="whole", sources=[types.SimpleNamespace(name="code", weight=0.75, val="c"),
+                                                       types.SimpleNamespace(name="docs", weight=0.25, val="d")])
+    overall, per_source = evaluate_module.evaluate_sources(None, data, None, CPU, torch.float32)
+    assert seen == ["c", "d"] and per_source == {"loss/val/code": 2.0, "loss/val/docs": 4.0}
+    assert overall == pytest.approx(0.75 * 2.0 + 0.25 * 4.0)
+    alone = types.SimpleNamespace(val="c", sources=[])
+    assert evaluate_module.evaluate_sources(None, alone, None, CPU, torch.float32) == (2.0, {})

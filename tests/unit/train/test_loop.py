@@ -50,7 +50,7 @@ class Logger:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     ds = pattern_dataset(tmp_path_factory.mktemp("loop_data"), 3000)
-    return types.SimpleNamespace(train=ds, val=ds, tokenizer=None)
+    return types.SimpleNamespace(train=ds, val=ds, tokenizer=None, sources=[])
 
 
 def _run(tmp_path, data, *overrides, moe=True):
