@@ -75,7 +75,9 @@ def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(workdir, corpus, 
 
     # the same weights, router buffers (balancing bias, global load) and Adam moments at the end
     ref = consolidated_state_dict(str(runs / "straight" / "checkpoints" / "step_00000008"))
-    assert ref["blocks.0.ffn.router.expert_bias"].abs().sum() > 0
+    # the balancing bias has moved somewhere (sign updates can cancel in one layer over 8 steps), so the
+    # comparison below covers a non-trivial router buffer
+    assert sum(v.abs().sum() for k, v in ref.items() if k.endswith("router.expert_bias")) > 0
     for name in ("to_ep1", "to_ep4"):
         step8 = runs / name / "checkpoints" / "step_00000008"
         assert_close(consolidated_state_dict(str(step8)), ref, f"{name} final state")
