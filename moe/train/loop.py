@@ -21,7 +21,7 @@ from moe.data import make_sampler
 from moe.errors import TrainingDiverged
 from moe.io import RunFolder, RunLock, atomic_write
 from moe.metrics import MetricLogger, domain_metrics, measure_peak_flops, router_metrics, set_token_sources
-from moe.nn.accounting import count_params, flops_per_token
+from moe.nn.accounting import flops_per_token, param_counts
 from moe.parallel import CollectiveError, ep_metrics
 from moe.train.checkpoint import folders, saving
 from moe.train.build import TrainingSetup, build_training
@@ -100,7 +100,9 @@ class _Run:
         self.cfg, self.setup, self.world_size, self.run_dir = cfg, setup, world_size, run_dir
         self.folder = RunFolder(run_dir)
         self.rank = setup.dist_info.rank
-        self.params = count_params(setup.model)
+        # from the config on the meta device, not from setup.model: under expert parallelism a rank holds
+        # only its own experts, and the banner and summary report the whole model
+        self.params = {k: v for k, v in param_counts(cfg.model).items() if k != "params_expert"}
         self.flops = flops_per_token(cfg.model, cfg.train.seq_len)
         self.tokens_per_step = global_batch_size(cfg, world_size) * cfg.train.seq_len
         self.sampler = make_sampler(setup.data, cfg.train.seq_len, cfg.train.micro_batch_size, self.rank,

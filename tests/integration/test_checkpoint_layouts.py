@@ -93,6 +93,11 @@ def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(workdir, corpus, 
                          _global_experts(str(runs / "straight" / "checkpoints" / "step_00000008"), meta, f"{k}/"),
                          f"{name} expert {k}")
 
+    # sizes are the whole model's at any layout (a rank under EP holds a quarter or half of the experts)
+    sizes = [{k: v for k, v in json.loads((runs / n / "summary.json").read_text()).items() if k.startswith("params_")}
+             for n in ("straight", "to_ep1", "to_ep4")]
+    assert sizes[0] == sizes[1] == sizes[2] and sizes[0]["params_active"] < sizes[0]["params_total"], sizes
+
     # the EP runs log their exchange telemetry
     line = next(m for m in read_metrics(runs / "straight") if "loss/train" in m)
     assert line["ep/exchange_s"] > 0 and line["ep/rank_token_imbalance"] >= 1.0
