@@ -100,6 +100,9 @@ def _override_layer(ov: str) -> Layer:
         layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]), resolve=False)
     except OmegaConfBaseException as exc:
         raise _config_error(f"{source}: {_error_key(exc)}") from None
+    except yaml.YAMLError as exc:  # OmegaConf parses the value as YAML: `key=a: b` or an unclosed quote
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise _config_error(f"{source}: the value is not a YAML scalar ({problem}); quote it") from None
     return source, _integral_floats_to_int(layer, Config, "", source)
 
 

@@ -305,3 +305,9 @@ def test_any_yaml_file_is_accepted_or_refused_naming_the_file(empty_cwd, yaml_di
     else:
         check_forward(cfg)
     assert listing(empty_cwd) == before and listing(yaml_dir) == files
+
+
+@pytest.mark.parametrize("override", ["logging.wandb.tags=[router:]", "run.name='unclosed"])
+def test_an_override_value_that_is_not_yaml_is_one_config_error(override):
+    with pytest.raises(ConfigError, match="not a YAML scalar"):
+        load_config(None, [override])
