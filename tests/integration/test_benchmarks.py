@@ -25,9 +25,11 @@ def _bench(name, *args, tmp_path):
 
 @pytest.mark.slow
 def test_layer_benchmark_reports_every_implementation_against_dense(tmp_path):
-    stdout, res = _bench("layer", "--tokens", "64", "--reps", "3", "--zero-grad", tmp_path=tmp_path)
+    stdout, res = _bench("layer", "--shape", "4:2:32", "--d-model", "64", "--tokens", "64", "--reps", "3",
+                         "--zero-grad", tmp_path=tmp_path)
     assert res["zero_grad"] is True and res["freed_memory_reused"] is can_keep_freed_memory()
-    rows = res["shapes"]["64"]
+    assert res["d_model"] == 64 and list(res["shapes"]) == ["4:2:32"]
+    rows = res["shapes"]["4:2:32"]["64"]
     assert {"dense", "ours dropless", "ours cf=1.0"} <= set(rows)
     assert ("ours + _grouped_mm" in rows) == hasattr(torch, "_grouped_mm")
     assert rows["dense"]["vs_dense"] == 1.0
