@@ -33,7 +33,7 @@ from moe.nn.upcycle import expert_weights, granularity, tied_router
 from moe.parallel import EXPERT_PARAM_NAMES, expert_layout
 from moe.train.checkpoint.folders import list_steps
 from moe.train.checkpoint.integrity import expert_index, headers, read_meta, resolve_step_dir
-from moe.train.checkpoint.loading import _verify_once as verify_once
+from moe.train.checkpoint.loading import verify_once
 from moe.train.checkpoint.optimizer_state import OptimizerState
 from moe.train.checkpoint.saving import model_tensors
 

@@ -337,7 +337,7 @@ def test_5_a_checkpoint_with_a_nan_weight_is_refused_even_with_matching_checksum
     problems = integrity.verify(str(step))
     assert problems == [f"{step}/model.safetensors: blocks.0.attn.qkv.weight has 1 non-finite values"]
     with pytest.raises(CheckpointError, match="non-finite values"):
-        loading._verify_once(str(step))  # what loading runs first, on every rank
+        loading.verify_once(str(step))  # what loading runs first, on every rank
 
 
 def test_5_saving_non_finite_tensors_raises_before_anything_is_written():

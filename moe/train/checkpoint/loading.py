@@ -98,7 +98,7 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     path = os.path.join(ckpt_dir, tag)
     if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE)):
         return _load_legacy(engine, ckpt_dir, tag)
-    _verify_once(path)
+    verify_once(path)
     meta = read_meta(path)
     check_compatible(engine, path, meta)
 
@@ -138,7 +138,7 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     return trainer["train_state"]
 
 
-def _verify_once(path: str) -> None:
+def verify_once(path: str) -> None:
     """Rank 0 verifies the folder (checksums, structure, finiteness, step) before any state changes;
     every rank learns the verdict, so all refuse together. The cost is one read of the folder."""
     is_dist = dist.is_initialized() and dist.get_world_size() > 1
