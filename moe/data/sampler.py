@@ -87,6 +87,9 @@ class BatchSampler:
                 "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if "sources" in state:
+            raise ValueError(f"sampler state was saved by a run mixing data.sources {state['sources']}; "
+                             "this run reads one data.dataset")
         for name in ("num_sequences", "seed"):
             if name in state and state[name] != getattr(self, name):
                 raise ValueError(f"sampler state was saved with {name}={state[name]}, but this sampler has "

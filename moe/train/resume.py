@@ -6,6 +6,7 @@ by the checkpoint module from the same folder.
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Dict, Optional, Tuple
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from moe.config import Config
+from moe.errors import CheckpointError
 from moe.train.checkpoint import integrity, loading
 def new_state() -> Dict[str, Any]:
     """The train state of a run that has not taken a step yet."""
@@ -46,6 +48,9 @@ def resume(cfg: Config, engine, optimizer, scheduler, sampler, ckpt_dir: str,
     for group, lr in zip(optimizer.param_groups, [base * scheduler.lr_lambdas[0](scheduler.last_epoch)
                                                   for base in scheduler.base_lrs]):
         group["lr"] = lr
-    sampler.load_state_dict(state["sampler"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as exc:  # resumed onto other data: data.dataset <-> data.sources, seq_len, seed
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)} does not fit this run's data: {exc}") from None
     set_rng_state(state["rng"])
     return state, tag

@@ -57,6 +57,9 @@ def test_sampler_epoch_covers_every_window_once(tmp_path):
     for s in again:
         s.load_state_dict({"epoch": 1, "position": 0})
     assert [i for _ in range(12) for s in again for i in window_ids(s.next_batch()[0])] == epochs[1]
+    # a mixture's state (data.sources) is refused by name, not read as a position in this dataset
+    with pytest.raises(ValueError, match="mixing data.sources"):
+        again[0].load_state_dict({"position": 8, "sources": ["code", "docs"], "num_sequences": [3, 4], "seed": 1})
 
 
 def test_sampler_unshuffled_is_in_order(tmp_path):
