@@ -48,6 +48,8 @@ def add_slurm_options(parser) -> List[argparse.Action]:
     add("--sbatch-arg", action="append", default=[], metavar="ARG",
         help="extra #SBATCH line, e.g. --sbatch-arg=--reservation=foo")
     add("--wait", action="store_true", help="wait for the job (and its requeues) to end")
+    add("--gpu-memory", default="80GB", help="memory of one GPU for the plan's fit check (default 80GB)")
+    add("--force", action="store_true", help="submit even when `moe plan` says a run does not fit")
     return actions
 
 
@@ -114,8 +116,6 @@ def _add_launch(sub) -> None:
     la.add_argument("--array", metavar="SPEC", help="job array in Slurm's syntax (0-7, 0-7%%2, 1,3,5): one run per "
                                                     "task, named <name>_<id>")
     la.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
-    la.add_argument("--gpu-memory", default="80GB", help="memory of one GPU for the plan's fit check (default 80GB)")
-    la.add_argument("--force", action="store_true", help="submit even when `moe plan` says the run does not fit")
     la.set_defaults(func=commands.cmd_launch)
 
 

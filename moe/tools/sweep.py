@@ -40,7 +40,7 @@ import yaml
 
 from moe.config import ConfigError, folder_name_error, load_config
 from moe.io import RunFolder, atomic_write
-from moe.launch import active_array_tasks, check_options, check_tasks, submit, wait_for_job
+from moe.launch import active_array_tasks, check_options, check_plans, check_tasks, submit, wait_for_job
 from moe.metrics import training_env
 from moe.validate import validate
 
@@ -282,6 +282,9 @@ def submit_slurm(sweep: Sweep, opts, command: List[str], throttle: Optional[int]
         tasks = check_tasks(opts, cfgs)
     except ConfigError as exc:
         raise ConfigError(f"{sweep.path}: {exc}") from None
+    # every run's plan against the job's GPUs: one that does not fit stops the whole array here, unless --force
+    for line in check_plans(opts, tasks, cuda_available=False):
+        log(line)
     job_id = submit(opts, tasks, sweep.root, command)
     if job_id is None:  # dry run
         return results

@@ -189,3 +189,21 @@ def test_slurm_sweep_bad_input(workdir, monkeypatch, fake_slurm, capsys):
     main(["sweep", "ep.yaml", "--slurm", "--cpu", "--nodes", "2", "--dry-run"])
     assert "#SBATCH --nodes=2" in capsys.readouterr().out
     assert not (fake_slurm / "sbatch.calls").exists()
+
+
+def test_slurm_sweep_whose_runs_do_not_fit_is_refused_before_anything_is_written(workdir, monkeypatch, fake_slurm,
+                                                                                  capsys):
+    """The same plan check as `moe launch`: each run against --gpu-memory; --force submits anyway."""
+    monkeypatch.chdir(workdir)
+    write(workdir / "big.yaml", "name: big\nbase: experiments/debug_moe.yaml\n"
+                                "overrides: [train.micro_batch_size=64]\ngrid:\n  model.moe.top_k: [1, 2]\n")
+    from moe.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "big.yaml", "--slurm", "--gpu-memory", "2.03GiB"])
+    err = capsys.readouterr().err
+    assert "error: " in err and "does not fit" in err and "--force submits anyway" in err
+    assert not (workdir / "runs").exists() and not (fake_slurm / "sbatch.calls").exists()
+    main(["sweep", "big.yaml", "--slurm", "--gpu-memory", "2.03GiB", "--force"])
+    assert "[moe plan] does not fit" in capsys.readouterr().out
+    assert len((fake_slurm / "sbatch.calls").read_text().splitlines()) == 1
