@@ -18,8 +18,8 @@ recorded with its error (traceback on stderr) and the next one still runs. A sum
    graph, the median replay timed with CUDA events (an eager loop, marked, where capture fails); the
    calls rotate over input sets totalling 3x the L2, so they read memory, not the cache; a backward
    is the backward alone (torch.autograd.grad of a retained forward graph);
-4. layer: the MoE layer (dropless; d=512, expert hidden 1024, E=8, k=2) forward + backward against a
-   dense SwiGLU of the same active FLOPs, eager: ours (compiled dispatch, `auto` experts:
+4. layer: the MoE layer (dropless; d=512; E:k:h = 8:2:1024, and the fine-grained 64:8:256 and 128:8:128)
+   forward + backward against a dense SwiGLU of the same active FLOPs (hidden k * h), eager: ours (compiled dispatch, `auto` experts:
    torch._grouped_mm in bf16), ours with the per-expert `loop` experts, and the pure-PyTorch
    dispatch reference; then dense and ours each captured in a CUDA graph (dropless routing makes no
    host sync, so the capture works; a failed capture is reported and the row marked eager) against
@@ -221,37 +221,50 @@ def stage_dispatch(args, device, dtype, state):
     return rows
 
 
+LAYER_SHAPES = ((8, 2, 1024), (64, 8, 256), (128, 8, 128))  # E experts of hidden h, top-k (issue 20's shapes)
+
+
 def stage_layer(args, device, dtype, state):
+    """One FFN layer, forward + backward, at coarse (8 of hidden 1024, top-2) and fine-grained (64 x 256,
+    128 x 128, top-8) expert shapes, each against the dense SwiGLU of the same active hidden k * h."""
     from moe.config import load_config
     from moe.nn.ffn import DenseFFN
     from moe.nn.moe_layer import MoELayer
 
-    def moe_layer(*overrides):
+    def moe_layer(E, k, h, *overrides):
         torch.manual_seed(0)
-        cfg = load_config(None, ["model.vocab_size=16", "model.moe.num_experts=8", "model.moe.top_k=2",
-                                 "model.moe.expert_hidden=1024", *overrides]).model.moe
-        return MoELayer(512, 1024, cfg, 0.02, 0.02).to(device, dtype)
+        cfg = load_config(None, ["model.vocab_size=16", f"model.moe.num_experts={E}", f"model.moe.top_k={k}",
+                                 f"model.moe.expert_hidden={h}", *overrides]).model.moe
+        return MoELayer(512, h, cfg, 0.02, 0.02).to(device, dtype)
 
-    variants = {"dense": DenseFFN(512, 2048, 0.02, 0.02).to(device, dtype), "ours": moe_layer(),
-                "ours, loop experts": moe_layer("model.moe.experts_impl=loop"),
-                "reference dispatch": moe_layer("model.moe.dispatch=reference")}
     rows = []
-    for T in ((256,) if args.quick else (1024, 4096, 16384)):
-        x = torch.randn(T, 512, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn(T, 512, device=device, dtype=dtype)  # a dense output gradient
-        times = {}
-        for name, mod in variants.items():
-            times[name] = device_time(lambda m=mod: m(x).backward(g), device, args.reps, iters=5, graph=False)
-        # dropless dispatch makes no host sync, so forward + backward can be captured: launch gaps gone
-        # (a capture that fails says why, and the row is marked eager)
-        for name in ("dense", "ours") if device.type == "cuda" else ():
-            times[f"{name}, CUDA graph"] = device_time(lambda m=variants[name]: m(x).backward(g), device, args.reps,
-                                                      iters=5, graph=True)
-        for name, (t, how) in times.items():
-            base = times["dense, CUDA graph" if name.endswith("CUDA graph") else "dense"][0]
-            rows.append({"T": T, "variant": name, "ms": 1e3 * t, "vs_dense": t / base, "timing": how})
-        print(f"  layer T={T}: " + ", ".join(f"{r['variant']} {r['ms']:.2f} ms (x{r['vs_dense']:.2f}, {r['timing']})"
-                                          for r in rows if r["T"] == T))
+    for E, k, h in LAYER_SHAPES[:2] if args.quick else LAYER_SHAPES:
+        shape = f"{E}:{k}:{h}"
+        variants = {"dense": DenseFFN(512, k * h, 0.02, 0.02).to(device, dtype), "ours": moe_layer(E, k, h),
+                    "ours, loop experts": moe_layer(E, k, h, "model.moe.experts_impl=loop"),
+                    "reference dispatch": moe_layer(E, k, h, "model.moe.dispatch=reference")}
+        for T in ((256,) if args.quick else (1024, 4096, 16384)):
+            x = torch.randn(T, 512, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(T, 512, device=device, dtype=dtype)  # a dense output gradient
+            times = {}
+            for name, mod in variants.items():
+                times[name] = device_time(lambda m=mod: m(x).backward(g), device, args.reps, iters=5, graph=False)
+            # dropless dispatch makes no host sync, so forward + backward can be captured: launch gaps gone
+            # (a capture that fails says why, and the row is marked eager)
+            for name in ("dense", "ours") if device.type == "cuda" else ():
+                times[f"{name}, CUDA graph"] = device_time(lambda m=variants[name]: m(x).backward(g), device,
+                                                          args.reps, iters=5, graph=True)
+            here = []
+            for name, (t, how) in times.items():
+                base = times["dense, CUDA graph" if name.endswith("CUDA graph") else "dense"][0]
+                here.append({"shape": shape, "T": T, "variant": name, "ms": 1e3 * t, "vs_dense": t / base,
+                             "timing": how})
+            rows += here
+            print(f"  layer {shape} T={T}: " + ", ".join(
+                f"{r['variant']} {r['ms']:.2f} ms (x{r['vs_dense']:.2f}, {r['timing']})" for r in here))
+        del variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -340,9 +353,9 @@ def print_summary(result):
             print(f"{r['shape']:<26}{r['backend']:<11}{r['op']:<15}{r['ms']:>9.3f}{r['GBs']:>9,.0f}"
                   f"{r['of_copy']:>9.0%}  {r['timing']}")
     if isinstance(result.get("layer"), list):
-        print(f"{'layer':<8}{'variant':<22}{'ms':>9}{'x dense':>9}  timing")
+        print(f"{'layer':<11}{'T':<7}{'variant':<22}{'ms':>9}{'x dense':>9}  timing")
         for r in result["layer"]:
-            print(f"T={r['T']:<6}{r['variant']:<22}{r['ms']:>9.2f}{r['vs_dense']:>9.2f}  {r['timing']}")
+            print(f"{r['shape']:<11}{r['T']:<7}{r['variant']:<22}{r['ms']:>9.2f}{r['vs_dense']:>9.2f}  {r['timing']}")
     t = result.get("training", {})
     if "last" in t:
         print(f"training {t['steps']} steps: loss {t['first']:.3f} -> {t['last']:.3f}, {t['tokens_per_s']:,.0f} tokens/s")

@@ -20,6 +20,7 @@ def test_gpu_check_runs_on_cpu(monkeypatch, tmp_path, capsys):
     assert {("reference", "unpermute bwd"), ("reference", "permute fwd")} <= ops_timed
     assert all(r["GBs"] > 0 and r["of_copy"] > 0 for r in result["dispatch"])
     assert {r["variant"] for r in result["layer"]} >= {"dense", "ours", "reference dispatch"}
+    assert {r["shape"] for r in result["layer"]} == {"8:2:1024", "64:8:256"}  # coarse and fine-grained experts
     assert json.loads(out.read_text())["training"]["steps"] == result["training"]["steps"]
     assert "GPU check summary" in capsys.readouterr().out
 
