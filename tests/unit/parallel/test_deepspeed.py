@@ -3,6 +3,7 @@ the adapter relies on still exists and still means what its docstrings say. A De
 changes one fails here, by name (the multi-process behaviour itself is covered end to end by
 tests/integration/test_expert_parallel.py and test_checkpoint_layouts.py)."""
 import inspect
+import os
 
 import deepspeed
 import torch
@@ -177,3 +178,22 @@ def test_tensor_fragment_api():
     assert list(inspect.signature(utils.safe_get_full_optimizer_state).parameters)[:2] == ["param", "optim_state_key"]
     assert list(inspect.signature(utils.safe_set_full_optimizer_state).parameters)[:3] == [
         "param", "value", "optim_state_key"]
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_left(tmp_path, monkeypatch, capsys):
+    # the lock that torch's JIT loader takes for DeepSpeed's CPU comm op is the one the adapter looks for
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert ShareMemCommBuilder().name == ds.SHM_OP
+    build_dir = _get_build_directory(ds.SHM_OP, verbose=False)
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()
+    born = os.path.getmtime(lock)
+
+    assert ds.clear_stale_build_lock(now=born + 60) == []  # a build in progress keeps its lock
+    assert os.path.exists(lock)
+    assert ds.clear_stale_build_lock(now=born + ds.STALE_LOCK_S + 1) == [lock]
+    assert not os.path.exists(lock)
+    assert "killed build" in capsys.readouterr().err
