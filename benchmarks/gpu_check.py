@@ -25,7 +25,7 @@ recorded with its error (traceback on stderr) and the next one still runs. A sum
    host sync, so the capture works; a failed capture is reported and the row marked eager) against
    each other;
 5. training: steps of the quickstart MoE model (fp32 weights, autocast to the dtype, AdamW) on a
-   learnable toy stream: the loss must fall;
+   learnable toy stream: the loss must fall (with --quick, the debug model on shorter steps);
 6. compiled: the same with every block torch.compile-d (`train.compile=true`) next to eager: the
    compile time, steady-state tokens/s of both and how far the losses drift apart.
 """
@@ -268,14 +268,21 @@ def stage_layer(args, device, dtype, state):
     return rows
 
 
-def _train(device, dtype, steps, compile_blocks=False):
-    """Steps of the quickstart MoE model (fp32 weights, autocast to dtype, AdamW) on a learnable toy
-    stream (repeated 32-token motifs): (losses, seconds per step), both per step."""
+def step_shape(quick):
+    """(sequences, tokens each) of a training step."""
+    return (4, 128) if quick else (8, 256)
+
+
+def _train(device, dtype, steps, quick, compile_blocks=False):
+    """Steps of the quickstart MoE model (the debug one with --quick: a smoke test, not a timing) in fp32
+    weights, autocast to dtype, AdamW, on a learnable toy stream (repeated 32-token motifs):
+    (losses, seconds per step), both per step."""
     from moe.config import load_config
     from moe.nn.gpt import GPT
     from moe.parallel import apply_compile
 
-    cfg = load_config("experiments/quickstart_moe.yaml", ["model.vocab_size=257"])
+    config = "experiments/debug_moe.yaml" if quick else "experiments/quickstart_moe.yaml"
+    cfg = load_config(config, ["model.vocab_size=257", "model.max_seq_len=256"])
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
     if compile_blocks:
@@ -284,8 +291,10 @@ def _train(device, dtype, steps, compile_blocks=False):
     gen = torch.Generator().manual_seed(0)
     motif = torch.randint(0, 257, (64, 32), generator=gen)
     losses, times = [], []
+    batch, seq = step_shape(quick)
     for _ in range(steps):
-        rows = motif[torch.randint(0, 64, (8, 9), generator=gen)].reshape(8, -1)[:, :257].to(device)
+        rows = motif[torch.randint(0, 64, (batch, seq // 32 + 1), generator=gen)].reshape(batch, -1)
+        rows = rows[:, :seq + 1].to(device)
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -300,8 +309,9 @@ def _train(device, dtype, steps, compile_blocks=False):
 
 def stage_training(args, device, dtype, state):
     steps = 30 if args.quick else 200
-    losses, times = _train(device, dtype, steps)
-    res = {"steps": steps, "first": losses[0], "last": losses[-1], "tokens_per_s": steps * 8 * 256 / sum(times)}
+    losses, times = _train(device, dtype, steps, args.quick)
+    batch, seq = step_shape(args.quick)
+    res = {"steps": steps, "first": losses[0], "last": losses[-1], "tokens_per_s": steps * batch * seq / sum(times)}
     print(f"training {steps} steps: loss {res['first']:.3f} -> {res['last']:.3f}, {res['tokens_per_s']:,.0f} tokens/s")
     assert res["last"] < res["first"] - 0.5, f"loss did not fall: {res['first']:.3f} -> {res['last']:.3f}"
     return res
@@ -313,10 +323,11 @@ def stage_compiled(args, device, dtype, state):
     import statistics
 
     steps = 12 if args.quick else 60
-    eager_losses, eager_times = _train(device, dtype, steps)
-    losses, times = _train(device, dtype, steps, compile_blocks=True)
+    eager_losses, eager_times = _train(device, dtype, steps, args.quick)
+    losses, times = _train(device, dtype, steps, args.quick, compile_blocks=True)
     steady = slice(steps // 3, None)  # after compilation and warm-up
-    tok = 8 * 256
+    batch, seq = step_shape(args.quick)
+    tok = batch * seq
     res = {"steps": steps, "first_step_s": times[0], "first": losses[0], "last": losses[-1],
            "tokens_per_s": tok / statistics.median(times[steady]),
            "eager_tokens_per_s": tok / statistics.median(eager_times[steady]),
