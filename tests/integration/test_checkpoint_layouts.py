@@ -48,14 +48,23 @@ def tree_hash(path):
     return h.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def ep2_run(module_workdir, corpus, data_cache):
+    """8 steps at EP=2 with checkpoints at 4 and 8, trained once for the tests of this module (they share
+    an xdist group, so one worker runs them and this run)."""
+    train(module_workdir, 2, [*common(corpus, data_cache), "parallel.ep_size=2", "train.steps=8", "run.name=straight"])
+    return module_workdir / "runs" / "straight"
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(workdir, corpus, data_cache):
+@pytest.mark.xdist_group("ep2_checkpoint")
+def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(ep2_run, corpus, data_cache):
     from moe.train.checkpoint.loading import _global_experts, consolidated_state_dict
 
     base = common(corpus, data_cache)
-    runs = workdir / "runs"
-    train(workdir, 2, [*base, "parallel.ep_size=2", "train.steps=8", "run.name=straight"])
+    runs = ep2_run.parent
+    workdir = runs.parent
     # saved under ZeRO 1 (partitioned optimizer state), resumed without ZeRO and under ZeRO 2
     train(workdir, 2, [*base, "parallel.ep_size=2", "train.zero_stage=1", "train.steps=4", "run.name=cut"])
     copy_run(runs / "cut", runs / "to_ep1")
@@ -106,18 +115,19 @@ def test_saved_at_ep2_resumes_at_ep1_and_ep4_on_the_same_curve(workdir, corpus, 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_verify_export_and_inference_on_an_ep_checkpoint(workdir, corpus, data_cache, tmp_path):
+@pytest.mark.xdist_group("ep2_checkpoint")
+def test_verify_export_and_inference_on_an_ep_checkpoint(ep2_run, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     from moe.train.checkpoint.loading import load_model_weights
     from moe.tools.inference import load_run
 
-    train(workdir, 2, [*common(corpus, data_cache), "parallel.ep_size=2", "train.steps=4", "run.name=ep2"])
-    run = workdir / "runs" / "ep2"
-    step = run / "checkpoints" / "step_00000004"
+    run = ep2_run  # read only: the copies broken below live in tmp_path
+    workdir = run.parent.parent
+    step = run / "checkpoints" / "step_00000008"
     ok = run_moe(["ckpt", "verify", str(run)], cwd=workdir)
-    assert "OK (step 4" in ok.stdout and "saved at ep_size=2 in 2 shards" in ok.stdout
+    assert "OK (step 8" in ok.stdout and "saved at ep_size=2 in 2 shards" in ok.stdout
 
     out = tmp_path / "model.safetensors"
     run_moe(["ckpt", "export", str(step), str(out)], cwd=workdir)
