@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, 
 
 import numpy as np
 
-from moe.data.cache import _build_once, _hash_key, _megatron_indexed, _slug, _SplitWriter, _write_json
+from moe.data.cache import _build_once, _hash_key, _slug, _SplitWriter, _write_json, read_index
 from moe.data.corpus import _Corpus
 from moe.data.prepared import TOKENIZER_DIR, check_tokenizer, is_prepared, read_manifest, shard_prefixes
 from moe.data.sources import _check_readable, _resolve_source
@@ -94,16 +94,9 @@ def _open_tokens(path_prefix: str) -> Tuple[np.ndarray, int]:
         # numpy cannot memory-map an empty file; an empty split is legal (and reported later by
         # BatchSampler with a clear message).
         return np.zeros(0, dtype=np.uint16), 0
-    # megatron-core reads the index (and checks it matches the .bin file)...
-    indexed = _megatron_indexed().IndexedDataset(path_prefix, mmap=True)
-    dtype = indexed[0].dtype
-    total = int(indexed.sequence_lengths.sum(dtype=np.int64))
-    docs = len(indexed)
-    del indexed
-    # ...but the stream is our own np.memmap of the .bin file (documents back to back, so one flat
-    # array). Views of megatron's memory map would dangle -- and segfault when read -- once its
-    # IndexedDataset is garbage collected, because its __del__ closes the map; numpy's memmap stays
-    # open for as long as any view of it exists.
+    # the documents lie back to back in the .bin file: the stream is one flat memmap of it (numpy's
+    # memmap stays open for as long as any view of it exists)
+    dtype, docs, total = read_index(path_prefix)
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(total,)), docs
 
 

@@ -13,6 +13,7 @@ from filelock import FileLock
 from moe import data
 from moe.config import DataConfig
 from moe.data import cache, dataset
+from moe.errors import DataError
 from tests.helpers import data_cfg, prepare_text_folder, text_of, write_jsonl, write_text_folder
 
 
@@ -130,3 +131,32 @@ def test_killed_build_never_leaves_a_cache_in_use(tmp_path, monkeypatch):
     td = data.prepare_data(cfg)
     assert td.train.num_documents + td.val.num_documents == 30
     assert json.load(open(os.path.join(td.cache_path, "meta.json")))["train"]["documents"] == td.train.num_documents
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_index_reader_agrees_with_megatron_core(tmp_path, dtype):
+    """`read_index` (which spares readers the megatron.core import) against megatron-core's own reader, on
+    files its builder wrote; and a .bin that does not belong to its .idx is refused by name."""
+    indexed = cache._megatron_indexed()
+    assert {c: getattr(np, indexed.DType(c).name) for c in cache.INDEX_DTYPES} == cache.INDEX_DTYPES
+    assert indexed._INDEX_HEADER == cache.INDEX_MAGIC
+    prefix = str(tmp_path / "split")
+    builder = indexed.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    rng = np.random.default_rng(0)
+    for n in (5, 1, 300, 17):
+        builder.add_document(rng.integers(0, 60000, n).astype(dtype), [n])  # as _SplitWriter adds them
+    builder.finalize(prefix + ".idx")
+
+    theirs = indexed.IndexedDataset(prefix, mmap=True)
+    assert cache.read_index(prefix) == (theirs[0].dtype.type, len(theirs), int(theirs.sequence_lengths.sum()))
+    stream, docs = dataset._open_tokens(prefix)
+    assert docs == 4 and np.array_equal(stream, np.concatenate([theirs[i] for i in range(4)]))
+    del theirs
+
+    with open(prefix + ".bin", "ab") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(DataError, match="split.bin holds .* does not belong"):
+        cache.read_index(prefix)
+    (tmp_path / "split.idx").write_bytes(b"not an index")
+    with pytest.raises(DataError, match="split.idx is not a megatron-core index"):
+        cache.read_index(prefix)
