@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Dict
 
-import torch
 
 from moe.config import ModelConfig, attention_heads, dense_ffn_hidden, expert_hidden, moe_layer_ids
 from moe.nn.gpt import GPT
+from moe.nn.init import meta_device
 
 
 def count_params(model: GPT) -> dict:
@@ -32,7 +32,7 @@ def param_counts(m: ModelConfig) -> Dict[str, int]:
     `params_expert`: the routed experts' weights (what expert parallelism shards)."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (e.g. 257 for the bytes tokenizer) to count parameters")
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(m)
     counts = count_params(model)
     counts["params_expert"] = sum(layer.experts.w13.numel() + layer.experts.w2.numel() for layer in model.moe_layers())

@@ -31,6 +31,11 @@ def init_stds(init_std: float, n_layers: int) -> tuple:
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple:
+    """(cos, sin) [max_seq_len, head_dim / 2] on the default device; on meta, shapes only (a model built
+    there gets its tables from moe/nn/init.py, and arange on meta would import torch._dynamo)."""
+    if torch.get_default_device().type == "meta":
+        half = (head_dim + 1) // 2  # the length of arange(0, head_dim, 2) below
+        return torch.empty(max_seq_len, half), torch.empty(max_seq_len, half)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()

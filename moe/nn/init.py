@@ -22,17 +22,43 @@ tied. Loading weights instead (a checkpoint, `model.init_from`) replaces `init_w
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moe.config import attention_heads
 from moe.nn.experts import Experts
 from moe.nn.gpt import init_stds, rope_tables
 
 ROUTER_INIT_STD = 0.02  # moe/routing/base.py Router.__init__
+
+
+_INIT_FUNCTIONS = frozenset(f for name, f in vars(nn.init).items()
+                            if callable(f) and name.endswith("_") and not name.startswith("_"))
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_FUNCTIONS:  # torch.nn.init passes the tensor by keyword
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """`torch.device("meta")` for building a model that `materialize` and `init_weights` (or loaded weights)
+    fill later, or that is only counted: the torch.nn.init calls of the modules' constructors are skipped
+    on meta tensors. They would set nothing there, and on meta they run torch's Python decompositions,
+    whose first call imports torch._dynamo: ~1.5 s of every rank's start-up, in runs that never compile."""
+    with torch.device("meta"), _SkipInitOnMeta():
+        yield
 
 
 def generator(seed: int, key: str) -> torch.Generator:

@@ -20,6 +20,7 @@ from moe import parallel
 from moe.config import Config, ConfigError, grad_accum_steps
 from moe.data import prepare_training_data
 from moe.nn.gpt import GPT
+from moe.nn.init import meta_device
 from moe.train.host_memory import keep_freed_memory
 from moe.train.init_from import load_init_source, open_init_source
 
@@ -65,7 +66,7 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({data.tokenizer.vocab_size})")
     init_source = open_init_source(cfg)  # model.init_from, checked before anything is built
-    with torch.device("meta"):  # no memory: build_engine allocates and initialises this rank's weights only
+    with meta_device():  # no memory: build_engine allocates and initialises this rank's weights only
         model = GPT(cfg.model)
     accum = grad_accum_steps(cfg, world_size)
     engine, optimizer, scheduler, dtype = parallel.build_engine(model, cfg, dist_info, accum)
