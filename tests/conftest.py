@@ -16,7 +16,14 @@ def workdir(tmp_path):
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
+    """One token cache for the whole session, every xdist worker included (a cache folder is built once
+    under a file lock, moe/data/cache.py `_build_once`): the embedded corpus is tokenized once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <session>/popen-gwN: share <session>
+        root = root.parent
+    path = root / "data_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture

@@ -45,10 +45,11 @@ def load(path):
 @pytest.mark.distributed
 def test_ep_equals_ep1_outputs_gradients_and_loss_curve(workdir, corpus, data_cache, tmp_path):
     keep = tmp_path / "parity"
-    layouts = ["ep=1,nproc=1", "ep=2,nproc=2", "ep=4,nproc=4", "ep=2,nproc=4"]
+    # (ep=2 over 4 ranks, experts also data-parallel, is test_ep_with_zero_1_and_2's layout 2, with ZeRO 2)
+    layouts = ["ep=1,nproc=1", "ep=2,nproc=2", "ep=4,nproc=4"]
     proc = parity(workdir, corpus, data_cache, layouts, steps=STEPS, keep=keep)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "OK: 4 layouts agree" in proc.stdout
+    assert "OK: 3 layouts agree" in proc.stdout
     ref = keep / "layout0"
     for i in range(1, len(layouts)):
         other = keep / f"layout{i}"
@@ -62,7 +63,7 @@ def test_ep_equals_ep1_outputs_gradients_and_loss_curve(workdir, corpus, data_ca
         norms = json.loads((other / "grad_norm.json").read_text())
         assert abs(norms["grad_norm"] - norms["from_gathered_grads"]) <= TOL * norms["from_gathered_grads"]
     records = [json.loads((keep / f"layout{i}.json").read_text()) for i in range(len(layouts))]
-    assert [r["meta"]["grad_accum"] for r in records] == [4, 2, 1, 1]
+    assert [r["meta"]["grad_accum"] for r in records] == [4, 2, 1]
     assert all(len(r["steps"]) == STEPS for r in records)
     assert all(s["seq_aux_loss"] > 0 and s["global_aux_loss"] > 0 and s["z_loss"] > 0 for s in records[1]["steps"])
 

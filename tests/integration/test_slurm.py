@@ -34,8 +34,8 @@ def two_node(cache, steps, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def cache(module_workdir):
-    return str(module_workdir / "data_cache")
+def cache(data_cache):
+    return data_cache  # the session's (the cluster's nodes are this machine)
 
 
 @pytest.fixture(scope="module")
