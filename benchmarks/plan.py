@@ -33,12 +33,16 @@ MODEL_A = ["model.d_model=512", "model.n_layers=4", "model.n_heads=8", "model.mo
            "model.moe.top_k=2", "model.moe.expert_hidden=1024"]
 MODEL_B = ["model.d_model=768", "model.n_layers=4", "model.n_heads=12", "model.moe.num_experts=16",
            "model.moe.top_k=2", "model.moe.expert_hidden=768"]
+MODEL_C = ["model.d_model=512", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.qk_norm=head",
+           "model.moe.num_experts=32", "model.moe.top_k=4", "model.moe.expert_hidden=256"]
 # name -> (processes, overrides): ep 1/2, zero 0/2, micro-batch 4/8
 CASES = {
     "A ep1 zero0 mbs4": (1, MODEL_A + ["parallel.ep_size=1", "train.zero_stage=0", "train.micro_batch_size=4"]),
     "A ep1 zero2 mbs8": (1, MODEL_A + ["parallel.ep_size=1", "train.zero_stage=2", "train.micro_batch_size=8"]),
     "B ep2 zero0 mbs8": (2, MODEL_B + ["parallel.ep_size=2", "train.zero_stage=0", "train.micro_batch_size=8"]),
     "B ep2 zero2 mbs4": (2, MODEL_B + ["parallel.ep_size=2", "train.zero_stage=2", "train.micro_batch_size=4"]),
+    "C ep1 zero2 mbs4": (1, MODEL_C + ["parallel.ep_size=1", "train.zero_stage=2", "train.micro_batch_size=4"]),
+    "C ep2 zero0 mbs8": (2, MODEL_C + ["parallel.ep_size=2", "train.zero_stage=0", "train.micro_batch_size=8"]),
 }
 BASELINE_CASES = {"debug 1 rank": (1, []), "debug 2 ranks": (2, [])}
 
@@ -100,6 +104,12 @@ def main(argv=None) -> dict:
     config = os.path.join(ROOT, "experiments", "debug_moe.yaml")
     rows = []
     with tempfile.TemporaryDirectory(prefix="moe-plan-bench-") as work:
+        # the token cache is built here first: every measured process reads it, as a run on a cached or
+        # prepared corpus does (a process that tokenizes also imports megatron-core's writer, ~60 MiB)
+        from moe.config import load_config
+        from moe.data import prepare_data
+
+        prepare_data(load_config(config, [*COMMON, f"data.cache_dir={os.path.join(work, 'data_cache')}"]).data)
         for name, (nproc, overrides) in cases.items():
             if args.only and name not in args.only:
                 continue

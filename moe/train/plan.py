@@ -51,7 +51,7 @@ GPU_OVERHEAD = 2 * GIB
 """Fixed per-GPU framework memory: CUDA context and kernels (~0.5-1 GiB on Hopper), NCCL's
 communicators and the caching allocator's slack. An estimate from the usual figures, not calibrated
 on this project's runs."""
-CPU_BASELINE = {1: 490 * 2 ** 20, 2: 490 * 2 ** 20}
+CPU_BASELINE = {1: 366 * 2 ** 20, 2: 366 * 2 ** 20}
 """Resident memory of one `moe train` process before any model term (Python, torch, DeepSpeed, gloo,
 the embedded corpus' token cache), by world size; measured by benchmarks/plan.py (BENCHMARKS.md)."""
 TERMS = ("weights", "gradients", "optimizer", "activations", "buffers", "overhead")
