@@ -7,10 +7,6 @@ PIP    := $(PY) -m pip
 # has a CUDA torch in the venv keeps it, because `pip install` only adds what is missing.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
-# DeepSpeed JIT-builds its CPU comm op under a lock file in TORCH_EXTENSIONS_DIR. In the shared default
-# (~/.cache/torch_extensions) venvs at other paths rebuild over each other, and a build killed while it
-# holds the lock hangs every later start (a CI run waited on one until its time limit): each venv keeps its own.
-export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install quickstart lint test test-fast clean-runs bench
 
@@ -22,10 +18,6 @@ $(STAMP): setup.cfg setup.py pyproject.toml $(wildcard moe/csrc/*)
 	# --no-build-isolation: the extension build needs the torch that is installed here
 	$(PIP) install -q --no-build-isolation -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import moe, deepspeed, megatron.core, wandb, datasets, tokenizers" 2>/dev/null || (echo "install failed" && exit 1)
-	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; do it now, not in a run
-	# (this step owns the venv: a lock left in its build folder is a killed install's)
-	rm -f $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/lock
-	timeout 900 $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
 	# say which dispatch backend is live (pip -q above hides setup.py's "extension not built" warning)
 	$(VENV)/bin/moe info | grep "dispatch backend"
 	touch $(STAMP)

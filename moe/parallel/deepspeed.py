@@ -11,10 +11,6 @@ and most `moe` commands never build an engine.
 from __future__ import annotations
 
 import datetime
-import glob
-import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -39,45 +35,27 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     layer (`deepspeed.comm`, used by its engine) is set up on it."""
     import deepspeed
 
-    if not torch.cuda.is_available():
-        clear_stale_build_lock()
+    skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 SHM_OP = "deepspeed_shm_comm"
-"""The op DeepSpeed's comm layer JIT-builds (`build_shm_op`, deepspeed/comm/torch.py) when it starts on CPU."""
-
-STALE_LOCK_S = 600.0
-"""A build lock this old is a killed build's: the op builds in well under a minute on two cores."""
+"""The op DeepSpeed's comm layer builds when it starts on CPU (`build_shm_op`, deepspeed/comm/torch.py)."""
 
 
-def clear_stale_build_lock(now: float | None = None) -> List[str]:
-    """Remove a build lock of DeepSpeed's CPU comm op that a killed build left behind; return what it removed.
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's comm layer from building and starting its shared-memory all-reduce op on CPU.
 
-    torch's JIT builder (`torch.utils.cpp_extension.load` -> `FileBaton`) takes `<build dir>/lock` on every
-    load, even when nothing needs building, and an O_EXCL file is all the lock is: a process killed while
-    holding it leaves it, and every later `init_distributed` on CPU then waits on it forever, with no
-    message and before any collective whose timeout would end it."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        pattern = os.path.join(root, SHM_OP, "lock")
-    else:
-        from torch.utils.cpp_extension import get_default_build_root
+    `TorchBackend.__init__` JIT-builds that op (`build_shm_op`) unless `deepspeed.ops.__compatible_ops__`
+    marks it incompatible, then maps a shared-memory workspace per rank. The op serves only
+    `inference_all_reduce` (DeepSpeed inference), which training never calls: gradients, the expert
+    exchange and our collectives go through torch.distributed. Building it cost every CPU rank a
+    compiler check on start-up, and torch's JIT loader takes a lock file on each load that a killed
+    process leaves behind, after which every later start waits on it forever (a CI run did, until its
+    time limit)."""
+    import deepspeed.ops
 
-        pattern = os.path.join(get_default_build_root(), "*", SHM_OP, "lock")  # <root>/py311_cpu/<op>/lock
-    now = time.time() if now is None else now
-    removed = []
-    for lock in glob.glob(pattern):
-        try:
-            if now - os.path.getmtime(lock) < STALE_LOCK_S:
-                continue
-            os.remove(lock)
-        except OSError:  # another process released or removed it meanwhile
-            continue
-        print(f"warning: removed {lock}, left by a killed build of DeepSpeed's CPU comm op "
-              f"(older than {STALE_LOCK_S:.0f} s); every start would have waited on it", file=sys.stderr)
-        removed.append(lock)
-    return removed
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
 
 
 def preset_world_group(timeout_s: float) -> None:

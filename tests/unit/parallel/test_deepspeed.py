@@ -3,7 +3,6 @@ the adapter relies on still exists and still means what its docstrings say. A De
 changes one fails here, by name (the multi-process behaviour itself is covered end to end by
 tests/integration/test_expert_parallel.py and test_checkpoint_layouts.py)."""
 import inspect
-import os
 
 import deepspeed
 import torch
@@ -180,20 +179,21 @@ def test_tensor_fragment_api():
         "param", "value", "optim_state_key"]
 
 
-def test_a_killed_builds_lock_is_cleared_and_a_live_one_left(tmp_path, monkeypatch, capsys):
-    # the lock that torch's JIT loader takes for DeepSpeed's CPU comm op is the one the adapter looks for
+def test_the_shared_memory_allreduce_op_is_not_built():
+    """DeepSpeed's comm layer asks `__compatible_ops__` before building its CPU shared-memory op; besides
+    starting it, only `inference_all_reduce` uses it (through the torch.ops.deepspeed kernel it registers,
+    with a torch.distributed fallback)."""
+    import importlib
+
+    import deepspeed.ops
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-    from torch.utils.cpp_extension import _get_build_directory
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert ShareMemCommBuilder().name == ds.SHM_OP
-    build_dir = _get_build_directory(ds.SHM_OP, verbose=False)
-    lock = os.path.join(build_dir, "lock")
-    open(lock, "w").close()
-    born = os.path.getmtime(lock)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the `torch` it imports
 
-    assert ds.clear_stale_build_lock(now=born + 60) == []  # a build in progress keeps its lock
-    assert os.path.exists(lock)
-    assert ds.clear_stale_build_lock(now=born + ds.STALE_LOCK_S + 1) == [lock]
-    assert not os.path.exists(lock)
-    assert "killed build" in capsys.readouterr().err
+    assert ShareMemCommBuilder.NAME == ds.SHM_OP
+    ds.skip_shared_memory_allreduce()
+    assert deepspeed.ops.__compatible_ops__[ds.SHM_OP] is False
+    assert ds_comm_torch.build_shm_op() is None
+    users = [name for name, fn in inspect.getmembers(ds_comm_torch.TorchBackend, inspect.isfunction)
+             if "shm_comm_op" in inspect.getsource(fn) or "torch.ops.deepspeed" in inspect.getsource(fn)]
+    assert sorted(users) == ["__init__", "inference_all_reduce"], users
