@@ -255,7 +255,9 @@ def estimate(cfg: Config, layout: Layout, counts: Optional[Dict[str, int]] = Non
     tokens = tokens if tokens is not None else cfg.train.steps * global_batch_size(cfg, W) * cfg.train.seq_len
     tokens_per_s = W * layout.peak_tflops * 1e12 * layout.mfu / flops
     experts = counts["params_expert"]
-    build_peak = 4 * (counts["params_total"] + experts / ep) + memory["overhead"]
+    # start-up: the model is built on meta and each rank materialises only what it holds (its experts and
+    # the rest), in fp32, before DeepSpeed converts it (moe/parallel/engine.py materialize_model)
+    build_peak = 4 * (counts["params_total"] - experts + experts / ep) + memory["overhead"]
     fits = None if layout.device == "cpu" else max(sum(memory.values()), build_peak) <= layout.memory
     largest = max(("weights", "gradients", "optimizer", "activations", "buffers"), key=lambda k: memory[k])
     plan = Plan(layout=layout, params_total=counts["params_total"], params_active=counts["params_active"],
@@ -359,8 +361,8 @@ def verdict(plan: Plan) -> str:
         return f"fits: {fmt_bytes(plan.total)} of {fmt_bytes(lay.memory)} per GPU"
     if plan.total <= lay.memory:
         return (f"does not fit at start-up: building the model needs {fmt_bytes(plan.build_peak)} > "
-                f"{fmt_bytes(lay.memory)} per GPU (moe/train/build.py moves every parameter to the GPU in fp32 "
-                f"before expert parallelism shards the experts); training itself needs {fmt_bytes(plan.total)}")
+                f"{fmt_bytes(lay.memory)} per GPU (each rank materialises its weights in fp32 before DeepSpeed "
+                f"converts them); training itself needs {fmt_bytes(plan.total)}")
     head = (f"does not fit: {fmt_bytes(plan.total)} > {fmt_bytes(lay.memory)} per GPU; largest term {plan.largest} "
             f"({fmt_bytes(plan.memory[plan.largest])})")
     return head + "".join(f"; {a}" for a in plan.advice)
@@ -381,8 +383,8 @@ def report(plan: Plan, name: str = "") -> str:
     lines.append(f"  | **total** | **{fmt_bytes(plan.total)}** | |")
     lines += ["", f"  {verdict(plan)}"]
     if lay.device == "cuda":
-        lines.append(f"  start-up holds {fmt_bytes(plan.build_peak)} per GPU (the whole model in fp32 before expert "
-                     f"parallelism shards it)")
+        lines.append(f"  start-up holds {fmt_bytes(plan.build_peak)} per GPU (the rank's weights in fp32, its own "
+                     f"experts only, before DeepSpeed converts them)")
     lines.append(f"  at MFU {lay.mfu:g} of {lay.peak_tflops:g} TFLOP/s per GPU: {plan.tokens_per_s:,.0f} tokens/s; "
                  f"{plan.tokens:.3g} tokens in {fmt_time(plan.seconds)}")
     return "\n".join(lines)

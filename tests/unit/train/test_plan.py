@@ -142,3 +142,13 @@ def test_the_lines_train_and_the_readme_print():
     assert table_cell(fits) == f"fits, {fits.total / 2 ** 30:.1f} GiB"
     small = estimate(cfg, Layout(memory=0.5 * GB), advise=False)
     assert table_cell(small) == f"no: {small.total / 2 ** 30:.1f} GiB, largest {small.largest}"
+
+
+def test_startup_holds_the_ranks_own_experts_only():
+    """The model is built on meta and each rank materialises its own experts (moe/parallel/engine.py): at
+    ep=8 a rank holds the shared weights and an eighth of the experts in fp32 at start-up."""
+    cfg = _cfg("model.moe.num_experts=64", "model.moe.top_k=8", "model.moe.expert_hidden=256", "parallel.ep_size=8")
+    plan = estimate(cfg, Layout(nodes=1, gpus_per_node=8))
+    held = plan.params_total - plan.params_expert + plan.params_expert / 8
+    assert plan.build_peak == pytest.approx(4 * held + plan.memory["overhead"])
+    assert plan.build_peak - plan.memory["overhead"] < 4 * plan.params_total / 2  # far from the whole model
