@@ -75,10 +75,9 @@ def read_index(path_prefix: str):
     header and sequence lengths of its .idx, checked against the size of its .bin.
 
     Reading these few fields here, not through megatron-core's `IndexedDataset`, spares every process
-    that only reads tokens the import of megatron.core (it imports the whole package, torch._dynamo
-    included: ~4 s of every rank's start-up). Writing still goes through megatron-core's builder, and
-    tests/unit/data/test_cache.py checks this reader against its reader."""
-
+    that only reads tokens the import of megatron.core (it imports the whole package: a debug `moe train`
+    process started in 9.6 s with it, 6.3 s without). Writing still goes through megatron-core's builder,
+    and tests/unit/data/test_cache.py checks this reader against its reader."""
     idx_path, bin_path = path_prefix + ".idx", path_prefix + ".bin"
     with open(idx_path, "rb") as f:
         header = f.read(34)

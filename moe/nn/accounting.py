@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-
 from moe.config import ModelConfig, attention_heads, dense_ffn_hidden, expert_hidden, moe_layer_ids
 from moe.nn.gpt import GPT
 from moe.nn.init import meta_device

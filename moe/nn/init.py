@@ -56,7 +56,9 @@ def meta_device():
     """`torch.device("meta")` for building a model that `materialize` and `init_weights` (or loaded weights)
     fill later, or that is only counted: the torch.nn.init calls of the modules' constructors are skipped
     on meta tensors. They would set nothing there, and on meta they run torch's Python decompositions,
-    whose first call imports torch._dynamo: ~1.5 s of every rank's start-up, in runs that never compile."""
+    whose first call imports torch._dynamo: ~1.5 s, which commands that only count a model (`moe plan`,
+    `moe match`, launch and sweep checks) no longer pay. (A training process imports it anyway, at its
+    optimizer's first `add_param_group`.)"""
     with torch.device("meta"), _SkipInitOnMeta():
         yield
 
