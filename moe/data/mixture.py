@@ -122,6 +122,12 @@ class MixtureSampler:
         w = torch.from_numpy(windows)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
+    def tokens_drawn(self) -> Dict[str, int]:
+        """Training tokens each source has given the whole stream (all ranks) up to the current position."""
+        blocks, rest = divmod(self.position, BLOCK)
+        counts = (blocks * self.per_block + np.bincount(self.pattern[:rest], minlength=len(self.names))) * self.seq_len
+        return {name: int(n) for name, n in zip(self.names, counts)}
+
     def state_dict(self) -> dict:
         return {"position": self.position, "sources": self.names, "num_sequences": self.counts, "seed": self.seed}
 

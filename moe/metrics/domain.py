@@ -12,6 +12,11 @@ logging window (one all-reduce), giving per layer L:
   window's pairs. 0 when every source uses the experts alike; 1 when the expert alone tells the
   source (each expert serves one source). It does not depend on the mixture weights' scale, and
   is comparable across routers at the same number of experts and sources.
+
+And, with or without MoE layers, what the mixture fed the model (`source_metrics`): per source,
+`data/tokens/<source>`, the training tokens drawn from it since step 0 (counted by the ranks as they
+draw them, summed over ranks), and `data/fraction/<source>`, its share of all tokens drawn, to set
+against its weight.
 """
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ def set_token_sources(layers: Dict[int, MoELayer], sequence_sources, seq_len: in
     for layer in layers.values():
         layer.stats.token_sources = ids
         layer.stats.num_sources = num_sources
+
+
+def source_metrics(tokens: Dict[str, int]) -> Dict[str, Any]:
+    """`data/tokens/<source>` and `data/fraction/<source>` from the run's cumulative tokens per source."""
+    total = sum(tokens.values())
+    out: Dict[str, Any] = {f"data/tokens/{name}": int(n) for name, n in tokens.items()}
+    if total > 0:
+        out.update({f"data/fraction/{name}": n / total for name, n in tokens.items()})
+    return out
 
 
 def specialisation(counts: np.ndarray) -> float:

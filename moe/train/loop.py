@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -20,7 +21,8 @@ from moe.config import Config, global_batch_size, to_dict, to_yaml
 from moe.data import make_sampler
 from moe.errors import TrainingDiverged
 from moe.io import RunFolder, RunLock, atomic_write
-from moe.metrics import MetricLogger, domain_metrics, measure_peak_flops, router_metrics, set_token_sources
+from moe.metrics import (MetricLogger, domain_metrics, measure_peak_flops, router_metrics, set_token_sources,
+                         source_metrics)
 from moe.nn.accounting import flops_per_token, param_counts
 from moe.parallel import CollectiveError, ep_metrics
 from moe.train.checkpoint import folders, saving
@@ -116,6 +118,7 @@ class _Run:
         self.summary: Dict[str, Any] = {}
         self.train_loss = self.val_loss = self.grad_norm = float("nan")
         self.window_loss, self.window_steps, self.window_t0 = 0.0, 0, time.perf_counter()
+        self.window_source_tokens = np.zeros(len(setup.data.sources), dtype=np.int64)  # this rank's draws
         if self.rank == 0:
             for name in folders.remove_leftovers(self.folder.checkpoints):  # of a killed save; we hold the lock
                 print(f"[moe] removed {os.path.join(self.folder.checkpoints, name)}, left by an interrupted save",
@@ -125,6 +128,9 @@ class _Run:
         s = self.setup
         self.state, self.tag = resume(self.cfg, s.engine, s.optimizer, s.scheduler, self.sampler,
                                       self.folder.checkpoints, self.rank)
+        if s.data.sources and "source_tokens" not in self.state:  # a new run, or a checkpoint from before
+            # the counts were kept: what the stream handed out up to the saved position
+            self.state["source_tokens"] = self.sampler.tokens_drawn()
 
     def start(self) -> None:
         cfg, s = self.cfg, self.setup
@@ -177,6 +183,8 @@ class _Run:
     def next_batch(self):
         """The sampler's next micro-batch; for a mixture, its tokens' sources tagged for routing by domain."""
         x, y = self.sampler.next_batch()
+        if self.setup.data.sources:
+            np.add.at(self.window_source_tokens, self.sampler.last_sources, x.shape[1])
         if self.setup.data.sources and self.setup.moe_layers:
             set_token_sources(self.setup.moe_layers, self.sampler.last_sources, x.shape[1],
                               len(self.setup.data.sources))
@@ -197,17 +205,22 @@ class _Run:
     def log_window(self, step: int) -> None:
         """The train record of the steps since the last one: mean loss over ranks, speed, router stats."""
         s, state = self.setup, self.state
-        loss_t = torch.tensor([self.window_loss / self.window_steps], dtype=torch.float64)
-        dist.all_reduce(loss_t)
-        self.train_loss = float(loss_t) / self.world_size
+        # one all-reduce: the window's mean loss and, for a mixture, the tokens every rank drew per source
+        summed = torch.tensor([self.window_loss / self.window_steps, *self.window_source_tokens], dtype=torch.float64)
+        dist.all_reduce(summed)
+        self.train_loss = float(summed[0]) / self.world_size
+        sources = [src.name for src in s.data.sources]
+        for name, drawn in zip(sources, summed[1:].tolist()):
+            state["source_tokens"][name] += int(drawn)
+        self.window_source_tokens[:] = 0
         elapsed = time.perf_counter() - self.window_t0
         state["wall_s"] += elapsed
         tps = self.window_steps * self.tokens_per_step / elapsed
         record = {"step": step, "tokens": state["tokens"], "flops": state["flops"],
                   "loss/train": self.train_loss, "lr": s.scheduler.get_last_lr()[0],
                   "grad_norm": self.grad_norm, "speed/tokens_per_s": tps,
-                  "speed/mfu": tps * self.flops["flops_per_token"] / self.peak, **router_metrics(s.moe_layers), **domain_metrics(s.moe_layers, [src.name for src in s.data.sources]),
-                  **ep_metrics(s.model, self.window_steps, elapsed)}
+                  "speed/mfu": tps * self.flops["flops_per_token"] / self.peak, **router_metrics(s.moe_layers), **domain_metrics(s.moe_layers, sources),
+                  **source_metrics(state.get("source_tokens", {})), **ep_metrics(s.model, self.window_steps, elapsed)}
         if self.logger:
             self.logger.log(record)
         if self.progress:

@@ -69,6 +69,22 @@ def test_fractions_track_the_weights_over_200_steps(sources):
     assert np.all((np.diff(x, axis=1) - 1) % 90 == 0)
 
 
+def test_tokens_drawn_counts_the_stream_up_to_the_position(sources):
+    """What a resumed run counts from when its checkpoint predates the per-source counts: the tokens the
+    whole stream (every rank) drew from each source, here across a block boundary."""
+    from moe.metrics import source_metrics
+
+    sampler = MixtureSampler(sources, 32, 8, 0, 1, seed=1)
+    assert sampler.tokens_drawn() == {"a": 0, "b": 0}
+    sampler.position = BLOCK + 1000
+    src, _ = sampler.global_samples(0, BLOCK + 1000)
+    drawn = sampler.tokens_drawn()
+    assert drawn == {"a": int((src == 0).sum()) * 32, "b": int((src == 1).sum()) * 32}
+    metrics = source_metrics(drawn)
+    assert metrics["data/tokens/a"] == drawn["a"] and abs(metrics["data/fraction/a"] - 0.7) < 1e-3
+    assert source_metrics({"a": 0, "b": 0}) == {"data/tokens/a": 0, "data/tokens/b": 0}
+
+
 def test_each_pass_over_a_source_visits_every_sequence_once(sources):
     sampler = MixtureSampler(sources, 32, 8, 0, 1, seed=1)
     src, seq = sampler.global_samples(0, 3 * BLOCK // 100)
