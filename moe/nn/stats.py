@@ -30,8 +30,9 @@ class RouterStats:
         self.token_sources: Optional[torch.Tensor] = None
         """Routing by domain: the data source (0 .. num_sources-1) of each flattened token of the next
         forward, set by the training loop for a data mixture (`moe.metrics.set_token_sources`); with it,
-        `domain` counts each source's (token, slot) pairs per expert (token-choice routers; eager: the
-        count's bincount is data dependent)."""
+        `domain` counts each source's (token, slot) pairs per expert: the pairs a token-choice router
+        chose, or the (token, expert) pairs expert-choice experts kept (eager: the count's bincount is
+        data dependent)."""
         self.num_sources = 0
         self.domain: Optional[torch.Tensor] = None
         """float64 [num_sources, E]; read and cleared by `moe.metrics.domain_metrics`, not by `reset`."""
@@ -85,8 +86,8 @@ class RouterStats:
         scalars = [dropped, slots, dropped_tokens, zero + num_tokens, entropy, zero + 1, lse2]
         scalars += [decision.losses[n].detach().double().reshape(()) for n in names]
         packed = torch.cat([routed, torch.stack(scalars)])
-        if self.token_sources is not None and not decision.expert_choice and self.token_sources.numel() == num_tokens:
-            self._count_domain(decision)
+        if self.token_sources is not None and self.token_sources.numel() == num_tokens:
+            self._count_domain(decision, index)
         if self.packed is None:
             self.packed, self.loss_names = packed, names
         elif names != self.loss_names:
@@ -94,10 +95,12 @@ class RouterStats:
         else:
             self.packed = self.packed + packed
 
-    def _count_domain(self, decision) -> None:
+    def _count_domain(self, decision, index) -> None:
         E, S = self.num_experts, self.num_sources
         chosen = self.token_sources.to(decision.expert_indices.device)[:, None] * E + decision.expert_indices
-        if decision.slot_mask is not None:
+        if decision.expert_choice:  # every token lists every expert: the pairs the experts kept
+            chosen = chosen[index.dest_rows >= 0]
+        elif decision.slot_mask is not None:
             chosen = chosen[decision.slot_mask]
         counts = torch.bincount(chosen.reshape(-1), minlength=S * E).double().view(S, E)
         self.domain = counts if self.domain is None else self.domain + counts

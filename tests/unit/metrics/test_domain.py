@@ -34,6 +34,20 @@ def test_domain_counts_split_the_layers_own_counts_by_source(top_k):
     assert "router/layer0/load" in router_metrics({0: moe})  # the other statistics are untouched
 
 
+def test_expert_choice_counts_the_pairs_the_experts_kept():
+    """Expert choice lists every expert for every token; the domain counts only the (token, expert) pairs
+    the experts kept (capacity 1.0: each of the 4 experts keeps 30 * 2 / 4 = 15 of the 30 tokens)."""
+    torch.manual_seed(0)
+    moe = layer("model.moe.router=expert_choice", "model.moe.capacity_factor=1.0", "model.moe.top_k=2")
+    moe.train()
+    set_token_sources({0: moe}, np.array([0, 2, 1, 0, 2, 2]), 5, 3)
+    moe(torch.randn(6, 5, 16))
+    domain = moe.stats.domain
+    assert domain.shape == (3, 4) and float(domain.sum()) == 4 * 15
+    torch.testing.assert_close(domain.sum(0), moe.stats.tokens_per_expert)
+    assert domain_metrics({0: moe})["router/layer0/specialisation"] >= 0
+
+
 def test_no_sources_no_counts():
     moe = layer()
     moe.train()
