@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from moe import parallel
 from moe.config import ConfigError, global_batch_size, load_config
-from moe.data import BatchSampler
+from moe.data import make_sampler
 from moe.io import atomic_write
 from moe.metrics import router_metrics, training_env
 from moe.parallel import gather_experts, is_expert_param, model_groups
@@ -94,7 +94,8 @@ def worker(config: str, overrides: List[str], steps: int, out: str, dump: Option
     rank = info.rank
     groups = model_groups(model)
     mbs = cfg.train.micro_batch_size
-    sampler = BatchSampler(data.train, cfg.train.seq_len, mbs, rank, world, seed=cfg.run.seed)
+    # the run's own sampler (a mixture's MixtureSampler over data.sources): the same global batches at any layout
+    sampler = make_sampler(data, cfg.train.seq_len, mbs, rank, world, seed=cfg.run.seed)
     names = {id(p): n for n, p in model.named_parameters()}
 
     def full(t: "torch.Tensor", p) -> "torch.Tensor":
@@ -151,7 +152,7 @@ def _dump_grads(model, names, full, grad_norm: float, dump: str, rank: int) -> N
 
 
 def _dump_logits(logits: list, mbs: int, world: int, dump: str, rank: int) -> None:
-    """Logits of the first step's micro-batches, in the global batch order of BatchSampler: micro-batch
+    """Logits of the first step's micro-batches, in the global batch order of the sampler: micro-batch
     m of rank r holds global sequences m*mbs*world + r*mbs + [0, mbs)."""
     local = torch.stack(logits)  # [accum, mbs, S, V]
     parts = [torch.empty_like(local) for _ in range(world)]

@@ -1,6 +1,7 @@
 """`moe train` on a two-source mixture (one source a `moe data prepare` folder): per-source validation
 loss and the routing-by-domain matrix land in metrics.jsonl, and the prepared folder is left as it was
 (one process, end to end through the CLI)."""
+import json
 import os
 
 import pytest
@@ -38,3 +39,10 @@ def test_train_on_a_prepared_mixture(tmp_path):
         assert len(rows) == 2 and all(len(r) == 4 and abs(sum(r) - 1) < 1e-4 for r in rows)
         assert 0 <= train[-1][f"router/layer{layer}/specialisation"] <= 1
     assert listing(tmp_path / "code_ready") == before
+
+    # `moe parity` draws the run's batches from the mixture too: its per-step losses over the first window
+    # (warmup: the same learning rates at any train.steps) average to the run's logged train loss
+    run_moe(["parity", str(tmp_path / "mix.yaml"), "--layouts", "ep=1,nproc=1", "--steps", "3",
+             "--keep", str(tmp_path / "parity")], cwd=tmp_path)
+    steps = json.loads((tmp_path / "parity" / "layout0.json").read_text())["steps"]
+    assert sum(s["loss"] for s in steps) / 3 == pytest.approx(train[0]["loss/train"], rel=1e-6)
