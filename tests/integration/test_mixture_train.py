@@ -7,7 +7,7 @@ import os
 import pytest
 
 from moe.data.prepare import prepare
-from tests.helpers import ROOT, data_cfg, listing, read_metrics, run_moe, write_text_folder
+from tests.helpers import ROOT, data_cfg, listing, read_metrics, read_offline_run, run_moe, write_text_folder
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_train_on_a_prepared_mixture(tmp_path):
         f"    - {{name: code, dataset: '{tmp_path / 'code_ready'}', weight: 3}}\n"
         f"    - {{name: prose, dataset: '{tmp_path / 'prose'}', weight: 1}}\n")
     run_moe(["train", str(tmp_path / "mix.yaml"), "train.steps=6", "train.eval_every=3", "train.log_every=3",
-             "train.eval_batches=2", "logging.wandb.mode=disabled", f"run.root={tmp_path / 'runs'}", "run.name=mix"],
+             "train.eval_batches=2", "logging.wandb.mode=offline", f"run.root={tmp_path / 'runs'}", "run.name=mix"],
             cwd=tmp_path)
     lines = read_metrics(tmp_path / "runs" / "mix")
     evals = [m for m in lines if "loss/val" in m]
@@ -38,7 +38,13 @@ def test_train_on_a_prepared_mixture(tmp_path):
         rows = train[-1][f"router/layer{layer}/domain"]
         assert len(rows) == 2 and all(len(r) == 4 and abs(sum(r) - 1) < 1e-4 for r in rows)
         assert 0 <= train[-1][f"router/layer{layer}/specialisation"] <= 1
+    assert train[-1]["data/tokens/code"] + train[-1]["data/tokens/prose"] == train[-1]["tokens"]
     assert listing(tmp_path / "code_ready") == before
+    # the same series in the offline W&B run: per-source losses, domain scores and matrix image, tokens drawn
+    history = read_offline_run(tmp_path / "runs" / "mix")["history_keys"]
+    for key in ("loss/val/code", "loss/val/prose", "router/layer1/specialisation", "router/domain_heatmap",
+                "data/fraction/code"):
+        assert key in history, (key, sorted(history))
 
     # `moe parity` draws the run's batches from the mixture too: its per-step losses over the first window
     # (warmup: the same learning rates at any train.steps) average to the run's logged train loss
