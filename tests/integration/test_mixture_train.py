@@ -42,7 +42,7 @@ def test_train_on_a_prepared_mixture(tmp_path):
     assert listing(tmp_path / "code_ready") == before
     # the same series in the offline W&B run: per-source losses, domain scores and matrix image, tokens drawn
     history = read_offline_run(tmp_path / "runs" / "mix")["history_keys"]
-    for key in ("loss/val/code", "loss/val/prose", "router/layer1/specialisation", "router/domain_heatmap",
+    for key in ("loss/val/code", "loss/val/prose", "router/layer1/specialisation", "router/domain_heatmap/_type",
                 "data/fraction/code"):
         assert key in history, (key, sorted(history))
 
