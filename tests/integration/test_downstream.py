@@ -10,10 +10,13 @@ final checkpoint, and `moe compare` tabulates and plots them. lm_eval is importe
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from moe.cli import main
+from moe.metrics import training_env
 from tests.helpers import ROOT, assert_png, read_metrics, read_offline_run, run_moe, table_rows
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -145,11 +148,19 @@ def test_a_task_found_nowhere_is_one_error_line_before_the_model_loads(exported,
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_in_loop_tasks_are_logged_equal_moe_eval_and_compared(workdir, data_cache, corpus, tmp_path, capsys):
-    run_moe(["train", "experiments/debug_moe.yaml", f"data.dataset={corpus}", f"data.cache_dir={data_cache}",
-             "train.steps=4", "train.eval_every=2", "train.eval_batches=1", "train.log_every=2",
-             "train.eval_tasks=[moe_tiny_mc,moe_tiny_text]", "train.eval_tasks_limit=4",
-             f"train.eval_include_path={TASKS_DIR}"], cwd=workdir)
+    """Two processes at ep=2: the tasks run on every rank in lockstep (each forward exchanges tokens
+    between the experts' ranks) and give what one process computes on the final checkpoint."""
+    env = training_env({"WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moe.cli",
+         "train", "experiments/debug_moe.yaml", f"data.dataset={corpus}", f"data.cache_dir={data_cache}",
+         "parallel.ep_size=2", "train.micro_batch_size=2", "train.steps=4", "train.eval_every=2",
+         "train.eval_batches=1", "train.log_every=2", "train.eval_tasks=[moe_tiny_mc,moe_tiny_text]",
+         "train.eval_tasks_limit=4", f"train.eval_include_path={TASKS_DIR}"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = workdir / "runs" / "debug_moe"
     evals = [m for m in read_metrics(run) if "loss/val" in m]
     keys = {"downstream/moe_tiny_mc/acc", "downstream/moe_tiny_mc/acc_norm", "downstream/moe_tiny_text/bits_per_byte"}
