@@ -13,7 +13,10 @@ It then times training steps (forward, backward, AdamW step; median of the slowe
 random token batches, with the host-memory policy of training (train.keep_freed_memory).
 
 Memory per rank: on the CPU the peak resident set (`ru_maxrss`), and its growth over the process
-before the model is built (`model peak`: Python, torch, DeepSpeed and gloo excluded); on a GPU the
+before the model is built (`model peak`: Python, torch with torch._dynamo, which its optimizer
+imports, DeepSpeed and gloo excluded), under the run's host-memory policy (train.keep_freed_memory:
+true keeps freed blocks, holes included; false returns them, so the resident set follows the live
+tensors; moe/train/host_memory.py); on a GPU the
 peak allocated bytes (`torch.cuda.max_memory_allocated`). `expected` is what the rank should hold at
 its peak: its non-expert weights, its 1/ep of the experts, their gradients and AdamW moments (fp32:
 16 bytes a parameter), plus `moe plan`'s activation term for the mode (moe/train/plan.py). The table
@@ -87,7 +90,7 @@ def worker(config: str, overrides, steps: int, warmup: int, out: str, old_build:
     from moe.config import load_config
     from moe.parallel import ep_metrics
     from moe.routing.balancing import end_optimizer_step
-    from moe.train.host_memory import keep_freed_memory
+    from moe.train.host_memory import keep_freed_memory, return_freed_memory
     from moe.validate import validate
 
     cfg = load_config(config, list(overrides) + ["logging.wandb.mode=disabled"])
@@ -96,7 +99,11 @@ def worker(config: str, overrides, steps: int, warmup: int, out: str, old_build:
     torch.set_num_threads(cfg.train.threads or 1)
     if cfg.train.keep_freed_memory:
         keep_freed_memory()
+    else:
+        return_freed_memory()
     info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    import torch._dynamo  # noqa: F401  code every training process loads (torch's optimizer imports it), not model memory
+
     base = rss_bytes()
     t0 = time.perf_counter()
     model, engine, dtype, accum = build(cfg, info, old_build)

@@ -286,7 +286,9 @@ class TrainConfig:
     keep_freed_memory: bool = True
     """Keep freed host memory in the process for reuse (glibc malloc: no mmap-ed blocks, no trimming;
     see moe/train/host_memory.py) so large CPU tensors are not page-faulted in anew every step; resident
-    memory then stays at its peak. No effect off glibc."""
+    memory then stays at its peak, holes included. false: every block of 1 MiB or more is mapped on its
+    own and returned when freed, so resident memory follows the live tensors, at the cost of the page
+    faults (`moe bench memory` measures both). No effect off glibc."""
 
 
 @dataclass

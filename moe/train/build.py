@@ -21,7 +21,7 @@ from moe.config import Config, ConfigError, grad_accum_steps
 from moe.data import prepare_training_data
 from moe.nn.gpt import GPT
 from moe.nn.init import meta_device
-from moe.train.host_memory import keep_freed_memory
+from moe.train.host_memory import keep_freed_memory, return_freed_memory
 from moe.train.init_from import load_init_source, open_init_source
 
 
@@ -55,6 +55,8 @@ def build_training(cfg: Config, world_size: int) -> TrainingSetup:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     freed_memory_kept = cfg.train.keep_freed_memory and keep_freed_memory()
+    if not cfg.train.keep_freed_memory:
+        return_freed_memory()
     dist_info = parallel.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     seed_everything(cfg.run.seed)
     data = prepare_training_data(cfg.data, is_writer=dist_info.rank == 0, barrier=dist.barrier,

@@ -10,6 +10,14 @@ at T=1024 (d=512, E=8: a 32 MiB grad_w13) 83 ms instead of 72 ms (BENCHMARKS.md)
 PyTorch's CUDA caching allocator gives GPU tensors and that jemalloc/tcmalloc give CPU users who
 preload them. The price: the process's resident memory stays at its peak instead of shrinking
 between steps. (Huge requests still succeed: glibc falls back to mmap when the heap cannot grow.)
+It also keeps the holes: a block freed between two live ones is reused only by requests that fit in
+it, so a step whose tensors come in other sizes than the last one's grows the heap instead (measured
+at ep=4 in `moe bench memory`: 1.5x the peak of live tensors).
+
+`return_freed_memory()` is the other policy (train.keep_freed_memory=false): every block of 1 MiB or
+more is its own mmap, unmapped when freed, so the resident memory follows the live tensors (glibc's
+default threshold rises to 32 MiB after the first large free and then behaves like the heap above).
+The price is the page faults of every large tensor, every step.
 """
 from __future__ import annotations
 
@@ -19,7 +27,11 @@ import sys
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
 _TRIM_NEVER = -1  # mallopt(3): "setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+RETURN_THRESHOLD = 1 << 20
+"""Blocks from this size up are mapped on their own by `return_freed_memory` (a fixed threshold: glibc
+no longer raises it)."""
 
 _applied = False
 
@@ -52,6 +64,16 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success; both or nothing (a half-applied policy would still page-fault)
     _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
     return _applied
+
+
+def return_freed_memory() -> bool:
+    """Blocks of RETURN_THRESHOLD bytes or more are mmap-ed and unmapped when freed (a fixed mmap
+    threshold, which also stops glibc from raising it). Process-wide; returns whether it is in effect
+    (False off glibc, or when `keep_freed_memory` was applied first: one policy per process)."""
+    libc = _libc()
+    if libc is None or _applied:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, RETURN_THRESHOLD))
 
 
 def release_free_memory() -> None:
