@@ -129,14 +129,3 @@ def activation_bytes_per_token(m: ModelConfig, a: int, device: str = "cuda", ep_
         block_max = 0.0
     head = 8 + norm + d * a + V * 4 + V * a
     return {"layers": layers, "block_max": block_max, "head": head}
-
-
-def largest_tensor(m: ModelConfig, ep_size: int = 1) -> int:
-    """Elements of the model's largest parameter tensor on a rank (embedding or head, a fused
-    projection, or a rank's stacked expert weights)."""
-    d = m.d_model
-    H, Hk, hd = attention_heads(m)
-    sizes = [m.vocab_size * d, (H + 2 * Hk) * hd * d, 2 * dense_ffn_hidden(m) * d]
-    if m.moe.num_experts:
-        sizes.append(2 * expert_hidden(m) * d * m.moe.num_experts // ep_size)
-    return max(sizes)

@@ -112,8 +112,12 @@ def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: i
     elif t.compile:
         apply_compile(model)
     dtype = resolve_dtype(t.dtype, dist_info.device)
+    # fused: one pass over each tensor's weights, gradient and moments, no sqrt(v) temporaries (on the
+    # CPU 4x faster than the default per-tensor loop, which counts for fine-grained MoEs: many parameters
+    # for their active compute); torch has the fused kernel on both device types
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
-                                  betas=(t.beta1, t.beta2), eps=t.eps)
+                                  betas=(t.beta1, t.beta2), eps=t.eps,
+                                  fused=True if dist_info.device.type in ("cpu", "cuda") else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     engine, optimizer, scheduler = ds.initialize(model, optimizer, scheduler, deepspeed_config(t, grad_accum, dtype))

@@ -17,9 +17,8 @@ The memory terms follow what `moe train` runs, read from the code:
   fp32 log-probabilities. tests/unit/nn/test_accounting.py checks the per-token bytes against the
   tensors autograd actually saves.
 - buffers: the largest MoE layer's backward workspace, the all-to-all send/receive rows under EP, the
-  loss's gradient, DeepSpeed's gradient reduction bucket, and the optimizer step's temporaries (torch
-  AdamW: sqrt of the second moment over a whole group with foreach on a GPU; sqrt and quotient of one
-  tensor at a time on a CPU).
+  loss's gradient and DeepSpeed's gradient reduction bucket (torch's fused AdamW steps each tensor in
+  place, with no temporaries: moe/parallel/engine.py).
 - overhead: a fixed framework term (CUDA context, NCCL, allocator slack on a GPU: an estimate, not
   calibrated on a GPU yet); on the CPU the process baseline of Python + torch + DeepSpeed + the data
   pipeline, measured by benchmarks/plan.py, plus the storage the build frees (`freed_at_build`), which
@@ -27,8 +26,8 @@ The memory terms follow what `moe train` runs, read from the code:
 
 The terms are summed: gradients and activations are counted as if they lived at the same time (they
 do under gradient accumulation). On the CPU the sum came within 12% of the measured peak resident
-memory of every rank of real runs (ep 1/2, ZeRO 0/2, two micro-batch sizes: benchmarks/plan.py,
-BENCHMARKS.md); on a GPU it is not yet measured.
+memory of the ranks of real runs (ep 1/2, ZeRO 0/2, two micro-batch sizes: benchmarks/plan.py,
+BENCHMARKS.md; one ZeRO 2 rank in one run of four 20% above it); on a GPU it is not yet measured.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe.config import Config, ConfigError, expert_hidden, global_batch_size
-from moe.nn.accounting import activation_bytes_per_token, flops_per_token, largest_tensor, param_counts
+from moe.nn.accounting import activation_bytes_per_token, flops_per_token, param_counts
 
 GB = 10 ** 9
 GIB = 2 ** 30
@@ -216,18 +215,11 @@ def memory_terms(cfg: Config, counts: Dict[str, int], layout: Layout) -> Tuple[D
         detail["buffers_moe_backward"] = tokens * k * (2 * d + 3 * h) * a  # grads of rows, hidden, outputs
         detail["buffers_all_to_all"] = tokens * k * d * a * 2 if ep > 1 else 0.0  # send + receive rows
     detail["buffers_loss_grad"] = tokens * m.vocab_size * 4
-    groups = (other, experts)  # DeepSpeed reduces and steps expert parameters in groups of their own
-    partitions = (W, max(1, W // ep)) if t.zero_stage else (1, 1)
+    groups = (other, experts)  # DeepSpeed reduces expert parameters in groups of their own
     if layout.device == "cuda" and t.zero_stage == 2:  # the contiguous gradient bucket, allocated whole
         detail["buffers_reduce_bucket"] = REDUCE_BUCKET * w
     else:  # the flat copy of a group's gradients for the all-reduce (touched as far as it is filled on a CPU)
         detail["buffers_reduce_bucket"] = min(REDUCE_BUCKET, max(groups)) * w
-    stepped = max(g / n for g, n in zip(groups, partitions))  # fp32 elements one optimizer call steps at once
-    if layout.device == "cpu":  # torch AdamW's single-tensor loop: sqrt(v) and its quotient, per tensor
-        stepped = min(stepped, largest_tensor(m, ep)) if t.zero_stage == 0 else stepped
-        detail["buffers_optimizer_step"] = 2 * 4 * stepped
-    else:  # the foreach implementation: sqrt(v) of the whole group at once
-        detail["buffers_optimizer_step"] = 4 * stepped
     memory = dict(states)
     memory["activations"] = sum(v for k_, v in detail.items() if k_.startswith("activations"))
     memory["buffers"] = sum(v for k_, v in detail.items() if k_.startswith("buffers"))

@@ -17,7 +17,7 @@ import pytest
 
 from moe.cli import main
 from moe.metrics import training_env
-from tests.helpers import ROOT, assert_png, read_metrics, read_offline_run, run_moe, table_rows
+from tests.helpers import ROOT, assert_png, read_metrics, read_offline_run, table_rows
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
