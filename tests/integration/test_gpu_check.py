@@ -6,16 +6,19 @@ from tests.helpers import ROOT
 
 
 def test_gpu_check_runs_on_cpu(monkeypatch, tmp_path, capsys):
+    """Every stage but `compiled`: its inductor compile from a cold cache took most of this test's ~110 s
+    in CI, and the blocks it compiles are moe/parallel's `apply_compile`, which
+    tests/unit/parallel/test_engine.py compiles and checks against eager (its own stage code is `training`'s
+    with compile_blocks=True)."""
     from benchmarks.gpu_check import STAGES, main
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "gpu_check.json"
-    result = main(["--device", "cpu", "--dtype", "fp32", "--quick", "--json", str(out)])
-    assert not [s for s in STAGES if "error" in result[s]], result
+    stages = [s for s in STAGES if s != "compiled"]
+    result = main(["--device", "cpu", "--dtype", "fp32", "--quick", "--stages", *stages, "--json", str(out)])
+    assert not [s for s in stages if "error" in result[s]], result
     assert result["ops"]["max_rel_err_fp32"] < 1e-5
     assert result["training"]["last"] < result["training"]["first"]
-    # fp32 on the CPU: compiled and eager training agree closely
-    assert result["compiled"]["max_loss_diff"] < 1e-3 and result["compiled"]["speedup"] > 0
     ops_timed = {(r["backend"], r["op"]) for r in result["dispatch"]}
     assert {("reference", "unpermute bwd"), ("reference", "permute fwd")} <= ops_timed
     assert all(r["GBs"] > 0 and r["of_copy"] > 0 for r in result["dispatch"])
