@@ -1,5 +1,5 @@
 """A prepared two-source mixture trained by 4 gloo processes: the tokens drawn from each source follow
-the weights within 1% over 200 steps, a run resumed from its step-150 checkpoint continues bitwise,
+the weights within 1% over 200 steps, a run resumed from its step-175 checkpoint continues bitwise,
 and one process with 4x the micro-batch draws the same global batches (per-source token counts equal
 at every logged step, losses equal to float rounding)."""
 import os
@@ -16,7 +16,7 @@ WEIGHTS = {"code": 0.7, "prose": 0.3}
 STEPS = 200
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=1", "model.ffn_hidden=32", "model.moe.expert_hidden=16",
         "model.max_seq_len=16", "train.seq_len=16", "train.global_batch_size=4", f"train.steps={STEPS}",
-        "train.warmup_steps=10", "train.eval_every=0", "train.log_every=1", "checkpoint.every=50",
+        "train.warmup_steps=10", "train.eval_every=0", "train.log_every=1", "checkpoint.every=25",
         "checkpoint.keep_last=2", "logging.wandb.mode=disabled"]
 
 
@@ -73,15 +73,15 @@ def test_four_processes_on_a_prepared_mixture(tmp_path):
     for name, weight in WEIGHTS.items():
         assert abs(last[f"data/fraction/{name}"] - weight) <= 0.01, (name, last[f"data/fraction/{name}"])
 
-    # resumed from the step-150 checkpoint (the newer one gone): the same records and weights, bitwise
+    # resumed from the step-175 checkpoint (the newer one gone): the same records and weights, bitwise
     shutil.copytree(runs / "four", runs / "resumed")
     cfg = runs / "resumed" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("name: four\n", "name: resumed\n", 1))
     shutil.rmtree(runs / "resumed" / "checkpoints" / f"step_{STEPS:08d}")
     out = _train(tmp_path, mix, 4, "resumed", "train.micro_batch_size=1")
-    assert "resuming from step_00000150" in out.stdout + out.stderr
+    assert "resuming from step_00000175" in out.stdout + out.stderr
     resumed = _train_records(runs / "resumed")
-    for step in range(151, STEPS + 1):
+    for step in range(176, STEPS + 1):
         for key in ("loss/train", "grad_norm", *(f"data/tokens/{n}" for n in WEIGHTS)):
             assert resumed[step][key] == four[step][key], (step, key)
     want, got = _weights(runs / "four", STEPS), _weights(runs / "resumed", STEPS)
@@ -90,12 +90,12 @@ def test_four_processes_on_a_prepared_mixture(tmp_path):
         for k in want[f]:
             assert want[f][k].equal(got[f][k]), (f, k)
 
-    # one process, 4x the micro-batch, 100 steps: the same sources in every global batch, and the same
+    # one process, 4x the micro-batch, 50 steps: the same sources in every global batch, and the same
     # sequences: the losses agree to float rounding over the 10 warm-up steps (whose learning rates do not
     # depend on train.steps; later the two runs' rounding differences grow, through routing decisions)
-    _train(tmp_path, mix, 1, "one", "train.micro_batch_size=4", "train.steps=100")
+    _train(tmp_path, mix, 1, "one", "train.micro_batch_size=4", "train.steps=50")
     one = _train_records(runs / "one")
-    assert sorted(one) == list(range(1, 101))
+    assert sorted(one) == list(range(1, 51))
     for step in one:
         assert [one[step][f"data/tokens/{n}"] for n in WEIGHTS] == [four[step][f"data/tokens/{n}"] for n in WEIGHTS]
     for step in range(1, 11):

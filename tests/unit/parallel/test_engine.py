@@ -43,6 +43,9 @@ def _round(model, opt, batches):
     return losses, router_metrics(layers)
 
 
+# one worker runs the three in turn: they share the kernels inductor compiles and caches on disk (attention,
+# norms, SwiGLU), which a cold cache (a fresh CI machine) otherwise compiles in three workers at once
+@pytest.mark.xdist_group("compile")
 @pytest.mark.parametrize("overrides", [
     [],
     # capacity: the kept-row count is data dependent (a graph break at the routing index), and
