@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,9 +123,21 @@ class SlurmJob:
         # the job's log is torchrun's copy of each rank's output, read a moment later: the requeue
         # kills that reader at once, so give it time to copy the lines just printed (the stop)
         time.sleep(REQUEUE_DRAIN_S)
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        return (f"[moe] requeued Slurm job {job}" if proc.returncode == 0 else
-                f"[moe] scontrol requeue {job} failed: {proc.stderr.strip()}")
+        # an accepted requeue makes Slurm SIGTERM every process of the job at once, scontrol included:
+        # it ignores TERM (inherited through exec) so that its exit status is the requeue's answer
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              preexec_fn=_ignore_sigterm)
+        if proc.returncode == 0:
+            return f"[moe] requeued Slurm job {job}"
+        if proc.returncode < 0:
+            return (f"[moe] scontrol requeue {job} ended by {signal.Signals(-proc.returncode).name} "
+                    f"before answering (the job is ending)")
+        return (f"[moe] scontrol requeue {job} failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}")
+
+
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SlurmLauncher(Launcher):

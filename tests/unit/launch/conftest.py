@@ -7,11 +7,13 @@ from moe.launch import slurm
 
 FAKE_SCONTROL = r"""#!/bin/bash
 # scontrol requeue JOB: appends "requeue JOB" to <bin>/scontrol.calls; fails with $FAKE_SCONTROL_ERROR on
-# stderr when it is set. scontrol -o show job JOB: prints <bin>/scontrol.out (one line per job), if present.
+# stderr when it is set; with $FAKE_SCONTROL_SIGNAL it first sends itself that signal (Slurm ending the job's
+# processes while the requeue is answered). scontrol -o show job JOB: prints <bin>/scontrol.out (one line per job), if present.
 bin=$(dirname "$0")
 echo "$@" >> "$bin/scontrol.calls"
 case $1 in
   requeue)
+    if [[ -n ${FAKE_SCONTROL_SIGNAL:-} ]]; then kill -s "$FAKE_SCONTROL_SIGNAL" $$; fi
     if [[ -n ${FAKE_SCONTROL_ERROR:-} ]]; then echo "$FAKE_SCONTROL_ERROR" >&2; exit 1; fi ;;
   -o)
     cat "$bin/scontrol.out" 2>/dev/null || true ;;

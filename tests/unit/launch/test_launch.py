@@ -67,7 +67,7 @@ def test_job_launcher_inside_a_slurm_job_requeues(fake_scontrol, monkeypatch, ca
     assert capsys.readouterr().out == ""  # the caller prints the line (rank 0 of training)
 
     monkeypatch.setenv("FAKE_SCONTROL_ERROR", "  scontrol: error: Job is not requeueable  \n")
-    assert control.resume_later() == "[moe] scontrol requeue 4711 failed: scontrol: error: Job is not requeueable"
+    assert control.resume_later() == "[moe] scontrol requeue 4711 failed (exit 1): scontrol: error: Job is not requeueable"
 
 
 def test_job_launcher_without_slurm_is_none(monkeypatch, fake_scontrol):

@@ -119,5 +119,15 @@ def test_requeue_of_the_slurm_job(fake_scontrol, monkeypatch):
     assert isinstance(job, SlurmJob) and job.name == "slurm" and job.job_id == "99"
     assert job.resume_later() == "[moe] requeued Slurm job 99"
     monkeypatch.setenv("FAKE_SCONTROL_ERROR", "scontrol: error: Invalid job id specified")
-    assert job.resume_later() == "[moe] scontrol requeue 99 failed: scontrol: error: Invalid job id specified"
+    assert job.resume_later() == "[moe] scontrol requeue 99 failed (exit 1): scontrol: error: Invalid job id specified"
     assert (fake_scontrol / "scontrol.calls").read_text() == "requeue 99\nrequeue 99\n"
+
+
+def test_a_requeue_answered_while_slurm_ends_the_job(fake_scontrol, monkeypatch):
+    """An accepted requeue SIGTERMs every process of the job, scontrol too: its answer still counts
+    (CI saw "scontrol requeue failed" on a job that was requeued). A signal it cannot ignore is named."""
+    job = SlurmLauncher.job_control({"SLURM_JOB_ID": "99"})
+    monkeypatch.setenv("FAKE_SCONTROL_SIGNAL", "TERM")
+    assert job.resume_later() == "[moe] requeued Slurm job 99"
+    monkeypatch.setenv("FAKE_SCONTROL_SIGNAL", "KILL")
+    assert job.resume_later() == "[moe] scontrol requeue 99 ended by SIGKILL before answering (the job is ending)"
