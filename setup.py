@@ -58,7 +58,7 @@ def _extension_and_cmd():
     use_cuda = has_cuda and want_cuda != "0"
 
     sources = [os.path.join(CSRC, f) for f in ("registration.cpp", "dispatch_cpu.cpp", "dispatch_cpu_avx2.cpp",
-                                                  "experts_cpu.cpp")]
+                                                  "experts_cpu.cpp", "router_cpu.cpp")]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     link = ["-fopenmp"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; at::parallel_for then runs serially

@@ -6,6 +6,25 @@ import pytest
 from tests.helpers import ROOT, slurm_skip_reason
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make `xdist_group` group again under `--dist loadgroup`: pytest-xdist names a test's group by
+    appending `@group` to its node id, which since pytest 9.2 (structured node ids) no longer takes, so
+    every grouped test ran on any worker (module fixtures built once per worker, the Slurm tests on two
+    workers at once; pytest-dev/pytest-xdist#1386). Runs after xdist's own hook; a no-op where that worked."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        nodeid = f"{item.nodeid.split('@')[0]}@{'_'.join(names)}"
+        if not names or item.nodeid == nodeid:
+            continue
+        if hasattr(item, "_id"):  # pytest >= 9.2: NodeId.parse keeps the exact string
+            item._id = type(item._id).parse(nodeid)
+        else:
+            item._nodeid = nodeid
+
 
 @pytest.fixture
 def workdir(tmp_path):

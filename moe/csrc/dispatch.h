@@ -41,6 +41,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
 
+// ---- routers' top-k selection (router_cpu.cpp; reference: torch.topk)
+
+// scores [T, E] floating -> [T, k] int64: the k largest per row, descending, ties in index order, NaN first.
+at::Tensor topk_indices_cpu(const at::Tensor& scores, int64_t k);
+
 // ---- CPU row kernels, one set per instruction set (dispatch_cpu_kernels.h)
 struct CpuRowKernels {
   const char* isa;

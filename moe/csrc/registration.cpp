@@ -13,6 +13,7 @@
 //   grouped_swiglu(x [N,d], w13 [E,2h,d], w2 [E,d,h], counts [E]) -> (out [N,d], h13 [N,2h], act [N,h])
 //   grouped_swiglu_backward(grad_out, x, w13, w2, counts, h13, act) -> (grad_x, grad_w13, grad_w2)
 //       (CPU only: on CUDA the experts run torch._grouped_mm or the per-expert loop)
+//   topk_indices(scores [T,E], k) -> [T,k] int64: the routers' top-k (CPU only; elsewhere torch.topk)
 #include <Python.h>
 
 #include <torch/library.h>
@@ -32,6 +33,7 @@ TORCH_LIBRARY_FRAGMENT(moe, m) {
   m.def(
       "grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor w13, Tensor w2, Tensor counts, Tensor h13, "
       "Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -41,6 +43,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
   m.impl("grouped_swiglu", &moe::grouped_swiglu_cpu);
   m.impl("grouped_swiglu_backward", &moe::grouped_swiglu_backward_cpu);
+  m.impl("topk_indices", &moe::topk_indices_cpu);
 }
 
 // ------------------------------------------------------------------------ Python module moe._C

@@ -7,7 +7,8 @@ Three ops, each differentiable:
 - `permute(x[T, d], index)` -> [rows, d]: gather token rows into expert order (dropped slots skipped).
 - `unpermute(y[rows, d], index, gate_weights[T, k])` -> [T, d]: each token's weighted sum of its
   expert outputs; dropped slots contribute zero (the residual path carries the token unchanged).
-Plus `grouped_swiglu`, the compiled grouped expert FFN (CPU), used by moe/nn/experts.py.
+Plus `grouped_swiglu`, the compiled grouped expert FFN (CPU), used by moe/nn/experts.py, and
+`topk_indices`, the routers' top-k selection (compiled on CPU, torch.topk elsewhere).
 
 Each takes `backend`: "reference" (reference.py, pure PyTorch: always importable, and what tests
 compare against) or "extension" (extension.py: the compiled moe._C, with its fake kernels and
@@ -37,7 +38,7 @@ from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expe
 __all__ = [
     "RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend", "expert_capacity",
     "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_supported",
-    "permute", "permute_reference", "unpermute", "unpermute_reference",
+    "permute", "permute_reference", "topk_indices", "unpermute", "unpermute_reference",
 ]
 
 _WARNED_DEVICES: set = set()
@@ -133,3 +134,13 @@ def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts:
     `grouped_swiglu_supported` first. counts stays a tensor: no host list is built."""
     _load_extension()
     return torch.ops.moe.grouped_swiglu(x, w13, w2, counts)[0]
+
+
+def topk_indices(scores: torch.Tensor, k: int, backend: str = "reference") -> torch.Tensor:
+    """[T, E] -> [T, k] int64: the indices of each row's k largest scores, in descending order (what
+    the routers keep of torch.topk). The reference is `torch.topk(scores, k).indices`; the compiled
+    CPU kernel (moe/csrc/router_cpu.cpp) makes one pass over a row, ~20x faster at router shapes, and
+    orders equal scores by index (torch.topk leaves ties unspecified). Not differentiable: indices."""
+    if scores.device.type in ("cpu", "meta") and scores.dim() == 2 and _use_extension(backend, scores):
+        return torch.ops.moe.topk_indices(scores.detach(), k)
+    return torch.topk(scores, k, dim=-1).indices

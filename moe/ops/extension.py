@@ -2,7 +2,8 @@
 
 The C++/CUDA extension `moe._C` (moe/csrc/, built by setup.py) registers the dispatcher ops
 torch.ops.moe.{routing_index, permute, unpermute, unpermute_backward}, with CPU (and, in a CUDA
-build, CUDA) kernels, plus the CPU-only expert ops grouped_swiglu and grouped_swiglu_backward. It is
+build, CUDA) kernels, plus the CPU-only ops grouped_swiglu, grouped_swiglu_backward (experts) and
+topk_indices (routers). It is
 imported lazily, on first use, by `_load_extension()`, which also registers their fake (meta)
 kernels and autograd formulas, so the ops work under torch.compile (fullgraph) and with autograd:
 
@@ -11,6 +12,7 @@ kernels and autograd formulas, so the ops work under torch.compile (fullgraph) a
 - unpermute(y, dest_rows, gate_weights): backward = unpermute_backward -> (grad_y, grad_w).
 - grouped_swiglu(x, w13, w2, counts) -> (out, h13, act): backward = grouped_swiglu_backward from
   the saved h13 and act (no double backward, like the reference's hand-written backward).
+- topk_indices(scores, k): the routers' top-k indices (CPU); integer output, no autograd.
 - routing_index: its output size (kept rows) is data dependent. The fake kernel returns a static
   size T * k when nothing can be dropped (capacity None or >= T * k) and otherwise an unbacked
   SymInt (ctx.new_dynamic_size, 0 <= rows <= min(T * k, E * capacity)); so it can stay inside a
@@ -153,7 +155,13 @@ def _register_dispatch_kernels(lib) -> None:
 
 
 def _register_expert_kernels(lib) -> None:
-    """grouped_swiglu, grouped_swiglu_backward: fake kernels; grouped_swiglu autograd."""
+    """grouped_swiglu, grouped_swiglu_backward: fake kernels; grouped_swiglu autograd. topk_indices
+    (the routers' selection): its fake kernel; its output is indices, with no autograd."""
+
+    @lib.register_fake("moe::topk_indices")
+    def _topk_indices_fake(scores, k):
+        torch._check(scores.dim() == 2 and 0 <= k <= scores.shape[1])
+        return scores.new_empty(scores.shape[0], k, dtype=torch.long)
 
     @lib.register_fake("moe::grouped_swiglu")
     def _grouped_swiglu_fake(x, w13, w2, counts):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.errors import ConfigError
+from moe import ops
 from moe.ops import expert_counts
 from moe.routing import losses as L
 
@@ -83,6 +84,7 @@ class Router(nn.Module):
         self.register_buffer("global_load", torch.full((E,), 1.0 / E) if cfg.global_aux_loss_coef > 0 else None)
         tracks = cfg.bias_update_rate > 0 or cfg.global_aux_loss_coef > 0
         self.register_buffer("step_load", torch.zeros(E, dtype=torch.long) if tracks else None, persistent=False)
+        self.dispatch_backend = ops.dispatch_backend(cfg.dispatch)  # "extension": the compiled top-k on CPU
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -105,6 +107,11 @@ class Router(nn.Module):
 
     def route(self, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> RoutingDecision:
         raise NotImplementedError  # each router family implements it
+
+    def top_k_indices(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """[T, E] -> [T, k]: the indices of each row's k largest scores, descending (moe.ops.topk_indices:
+        torch.topk, or the compiled one-pass selection on CPU)."""
+        return ops.topk_indices(scores, k, backend=self.dispatch_backend)
 
     def token_choice_decision(self, expert_indices: torch.Tensor, gate_weights: torch.Tensor, logits: torch.Tensor,
                               scores: torch.Tensor, slot_mask: Optional[torch.Tensor] = None) -> RoutingDecision:
@@ -169,7 +176,7 @@ class Router(nn.Module):
         and the bias pull on each other (with neither active the two are the same)."""
         if self.expert_bias is None and self.cfg.n_groups == 0:
             return d.expert_indices
-        return torch.topk(d.scores, d.expert_indices.shape[-1], dim=-1).indices
+        return self.top_k_indices(d.scores, d.expert_indices.shape[-1])
 
     def balancing_losses(self, d: RoutingDecision, num_sequences: int) -> Dict[str, torch.Tensor]:
         c, E = self.cfg, self.num_experts

@@ -50,8 +50,8 @@ class SinkhornRouter(Router):
         logits = self.compute_logits(x)
         scores = self.score(logits)
         if self.training:
-            expert_indices = torch.topk(sinkhorn(logits, self.cfg.sinkhorn_iters), self.top_k, dim=-1).indices
+            expert_indices = self.top_k_indices(sinkhorn(logits, self.cfg.sinkhorn_iters), self.top_k)
         else:
-            expert_indices = torch.topk(scores, self.top_k, dim=-1).indices
+            expert_indices = self.top_k_indices(scores, self.top_k)
         gate_weights = self.gates(scores.gather(1, expert_indices))
         return self.token_choice_decision(expert_indices, gate_weights, logits, scores)

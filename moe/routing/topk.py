@@ -41,7 +41,7 @@ class TopKRouter(Router):
         if self.cfg.n_groups > 0:
             expert_indices = group_limited_topk(selection, self.top_k, self.cfg.n_groups, self.cfg.topk_groups)
         else:
-            expert_indices = torch.topk(selection, self.top_k, dim=-1).indices
+            expert_indices = self.top_k_indices(selection, self.top_k)
         gate_weights = self.gates(scores.gather(1, expert_indices))
         slot_mask = self._random_routing_mask(gate_weights) if self.cfg.random_routing and self.training else None
         return self.token_choice_decision(expert_indices, gate_weights, logits, scores, slot_mask)
