@@ -78,10 +78,17 @@ class RouterStats:
             slots = used.sum().double()
             dropped = (used & ~kept).sum().double()
             dropped_tokens = (~(kept & used).any(dim=1)).sum().double()
-        p = decision.scores / decision.scores.sum(-1, keepdim=True)
-        entropy = torch.special.entr(p).sum().double()  # -p log p, 0 at p = 0
+        logits = decision.logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        if decision.softmax_scores:
+            # H(p) = lse(l) - sum_e p_e l_e for p = softmax(l): a product and a sum over the [T, E]
+            # scores instead of a log of each (torch.special.entr: ~5x the time on CPU)
+            entropy = (lse - (decision.scores * logits).sum(-1)).double().sum()
+        else:
+            p = decision.scores / decision.scores.sum(-1, keepdim=True)
+            entropy = torch.special.entr(p).sum().double()  # -p log p, 0 at p = 0
         # the quantity the z-loss penalises, logged whatever its coefficient (0 included)
-        lse2 = torch.logsumexp(decision.logits.float(), dim=-1).square().sum().double()
+        lse2 = lse.square().sum().double()
         names = tuple(sorted(decision.losses))
         scalars = [dropped, slots, dropped_tokens, zero + num_tokens, entropy, zero + 1, lse2]
         scalars += [decision.losses[n].detach().double().reshape(()) for n in names]

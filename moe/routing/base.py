@@ -50,6 +50,9 @@ class RoutingDecision:
     slot_mask: Optional[torch.Tensor] = None
     """[T, k] bool or None: False marks a slot the router chose not to use (GShard random routing);
     such a slot gets no expert compute, no capacity and no weight."""
+    softmax_scores: bool = False
+    """True when `scores` is exactly softmax(logits) over the experts (score_func=softmax): the
+    statistics then take the routing entropy from the logits (moe/nn/stats.py)."""
     expert_choice: bool = False
     """True when every token lists every expert and the capacity does the selection (expert choice):
     the load is then what the routing index keeps, not what the router listed."""
@@ -124,6 +127,7 @@ class Router(nn.Module):
             logits=logits,
             scores=scores,
             slot_mask=slot_mask,
+            softmax_scores=self.cfg.score_func == "softmax",
         )
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:

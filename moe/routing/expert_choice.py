@@ -59,5 +59,6 @@ class ExpertChoiceRouter(Router):
             priority=scores,
             logits=logits,
             scores=scores,
+            softmax_scores=self.cfg.score_func == "softmax",
             expert_choice=True,
         )

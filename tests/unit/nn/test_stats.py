@@ -62,3 +62,18 @@ def test_router_losses_must_not_change_between_updates():
     decision.losses = {"other_loss": torch.tensor(1.0)}
     with pytest.raises(RuntimeError, match="router losses changed"):
         stats.update(decision, index, 12, dropless=True)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_routing_entropy_against_entr(scale, score_func):
+    """With softmax scores the entropy comes from the logits (lse - sum p l); it equals
+    torch.special.entr of the normalised scores, for flat, typical and near one-hot routers."""
+    decision = _routed(f"model.moe.score_func={score_func}", T=512)
+    assert decision.softmax_scores == (score_func == "softmax")
+    decision.logits = decision.logits * scale
+    decision.scores = decision.logits.softmax(-1) if score_func == "softmax" else decision.logits.sigmoid()
+    stats = RouterStats(4)
+    stats.update(decision, ops.build_routing_index(decision.expert_indices, 4, None, None), 512, dropless=True)
+    p = decision.scores.double() / decision.scores.double().sum(-1, keepdim=True)
+    torch.testing.assert_close(stats.entropy_sum, torch.special.entr(p).sum(), rtol=1e-5, atol=1e-3)
