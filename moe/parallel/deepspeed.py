@@ -179,6 +179,23 @@ def has_moe_layers(engine) -> bool:
     return bool(engine.has_moe_layers)
 
 
+def skip_allreduce_of_one_process(engine) -> bool:
+    """One process without ZeRO has no gradient to all-reduce, yet `DeepSpeedEngine.allreduce_gradients`
+    still flattens every gradient into buckets, "reduces" them over the group of one and copies them back
+    (`buffered_allreduce_fallback`): two extra passes over all gradients per step (on a CPU ~4 ms of the
+    fine-grained quickstart's step, whose expert weights are 6x its active parameters). Turn the engine's
+    backward all-reduce off there, as DeepSpeed does itself without a process group
+    (`enable_backward_allreduce`). An optimizer wrapper that learns the accumulation boundary from that
+    call (`set_gradient_accumulation_boundary`) keeps it. Returns whether it was turned off."""
+    import torch.distributed as dist
+
+    if (engine.zero_optimization_stage() == 0 and dist.is_initialized() and dist.get_world_size() == 1
+            and not hasattr(engine.optimizer, "set_gradient_accumulation_boundary")):
+        engine.enable_backward_allreduce = False
+        return True
+    return False
+
+
 def replace_fp32_clipping(engine, clip: Callable[[], torch.Tensor]) -> None:
     """Have the engine clip fp32 gradients (no ZeRO, no bf16/fp16) with `clip()`, which clips in place
     and returns the norm. `DeepSpeedEngine._take_model_step` calls `self.clip_fp32_gradients()` there

@@ -121,6 +121,7 @@ def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: i
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     engine, optimizer, scheduler = ds.initialize(model, optimizer, scheduler, deepspeed_config(t, grad_accum, dtype))
+    ds.skip_allreduce_of_one_process(engine)
     if model_groups(model) is not None:
         if not ds.has_moe_layers(engine):
             raise RuntimeError("DeepSpeed did not recognise the expert-parallel MoE layers; expert gradients "

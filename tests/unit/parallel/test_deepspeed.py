@@ -105,6 +105,38 @@ def test_fp32_clipping_is_looked_up_on_the_engine_instance():
     assert engine._global_grad_norm == 3.0
 
 
+def test_the_backward_allreduce_switch_of_one_process(monkeypatch):
+    """`enable_backward_allreduce` is what the engine's backward checks before `allreduce_gradients`, whose
+    ZeRO-0 path is the bucketed flatten-reduce-copy that one process does not need."""
+    assert "if self.enable_backward_allreduce and not self.inside_no_sync_ctxt:" in _source(
+        DeepSpeedEngine._backward_epilogue)
+    wrapped = DeepSpeedEngine.allreduce_gradients  # under DeepSpeed's NVTX decorator, which keeps no __wrapped__
+    inner = [c.cell_contents for c in wrapped.__closure__ or () if inspect.isfunction(c.cell_contents)]
+    assert any("self.buffered_allreduce_fallback(" in _source(f) for f in inner + [wrapped])
+
+    class Engine:
+        enable_backward_allreduce = True
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+
+        def __init__(self, stage):
+            self.stage = stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # one process, as `moe train` on a laptop
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    zero0, zero1 = Engine(0), Engine(1)
+    assert ds.skip_allreduce_of_one_process(zero0) and not zero0.enable_backward_allreduce
+    assert not ds.skip_allreduce_of_one_process(zero1) and zero1.enable_backward_allreduce
+    zero0.optimizer = type("Wrapper", (), {"set_gradient_accumulation_boundary": lambda self, b: None})()
+    zero0.enable_backward_allreduce = True
+    assert not ds.skip_allreduce_of_one_process(zero0) and zero0.enable_backward_allreduce
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    assert not ds.skip_allreduce_of_one_process(Engine(0))
+
+
 def test_low_precision_wrapper_attributes():
     init, step = _source(FP16_UnfusedOptimizer.__init__), _source(FP16_UnfusedOptimizer)
     for attr in ("self.clip_grad", "self.fp16_groups", "self.fp32_groups", "self.loss_scale_config",
