@@ -10,7 +10,8 @@ moe/parallel/deepspeed.py); `global_grad_norm` is the norm the loop logs.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import weakref
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -47,11 +48,25 @@ def _sum_of_squares(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
 
 
+_NORM_BEFORE_STEP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""engine -> the global gradient norm read at the accumulation boundary just before its step
+(moe/parallel/engine.py `grad_norm`): the engine's clipping takes it instead of computing it again."""
+
+
+def remember_norm_before_step(engine, norm: torch.Tensor) -> None:
+    """The norm of the gradients `engine.step()` will clip, read by the training step on every rank at
+    the same boundary; the clipping installed by `fix_engine_clipping` uses it once (a second pass
+    over every gradient saved; every rank skips the same collective)."""
+    _NORM_BEFORE_STEP[engine] = norm
+
+
 @torch.no_grad()
-def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """DeepSpeed's clipping rule (coefficient min(1, max_norm / (norm + 1e-6))) on the EP-correct norm."""
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float,
+                    norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DeepSpeed's clipping rule (coefficient min(1, max_norm / (norm + 1e-6))) on the EP-correct norm
+    (`norm`: that of these gradients, already computed)."""
     params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params)
+    norm = global_grad_norm(params) if norm is None else norm
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         # x 1.0 changes nothing: on CPU (reading coef costs no device sync) skip that pass over every
@@ -80,4 +95,5 @@ def fix_engine_clipping(engine) -> None:
 
         ds.replace_low_precision_clipping(engine.optimizer, clip_scaled)
         return
-    ds.replace_fp32_clipping(engine, lambda: clip_grad_norm_(list(engine.module.parameters()), max_norm))
+    ds.replace_fp32_clipping(engine, lambda: clip_grad_norm_(list(engine.module.parameters()), max_norm,
+                                                             norm=_NORM_BEFORE_STEP.pop(engine, None)))

@@ -19,7 +19,7 @@ import torch
 from moe.nn.init import has_meta, init_weights, materialize
 from moe.parallel import deepspeed as ds
 from moe.parallel import faults
-from moe.parallel.clipping import fix_engine_clipping, global_grad_norm
+from moe.parallel.clipping import fix_engine_clipping, global_grad_norm, remember_norm_before_step
 from moe.parallel.distributed import DistInfo
 from moe.parallel.expert import EXPERT_PARAM_NAMES, apply_expert_parallel, model_groups, moe_layers
 from moe.parallel.recompute import apply_recompute
@@ -138,4 +138,6 @@ def grad_norm(engine) -> float:
     if engine.zero_optimization_stage() > 0:
         norm = engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-    return float(global_grad_norm(list(engine.module.parameters())))
+    norm = global_grad_norm(list(engine.module.parameters()))
+    remember_norm_before_step(engine, norm)  # its clipping (fix_engine_clipping) reuses it
+    return float(norm)

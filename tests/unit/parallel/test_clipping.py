@@ -60,6 +60,23 @@ def test_fp32_clipping_replaced():
     assert float(params[0].grad.norm()) == pytest.approx(10.0 / (10.0 + 1e-6))
 
 
+def test_fp32_clipping_reuses_the_norm_read_before_the_step():
+    """moe/parallel/engine.py `grad_norm` reads the norm at the boundary; the engine's clipping then uses
+    that value once instead of a second pass over the gradients, and computes it when none was read."""
+    from moe.parallel.engine import grad_norm
+
+    params = _params(torch.tensor([6.0, 8.0]))
+    engine = _Engine(params=params, optimizer=torch.optim.SGD(params, lr=1.0))
+    fix_engine_clipping(engine)
+    assert grad_norm(engine) == pytest.approx(10.0)
+    params[0].grad = torch.tensor([3.0, 4.0])  # only to show which norm the clipping used
+    engine.clip_fp32_gradients()
+    assert engine._global_grad_norm == pytest.approx(10.0)  # the remembered one, used once
+    assert float(params[0].grad.norm()) == pytest.approx(5.0 / (10.0 + 1e-6))
+    engine.clip_fp32_gradients()
+    assert engine._global_grad_norm == pytest.approx(5.0 / (10.0 + 1e-6))  # computed again
+
+
 def test_low_precision_clipping_unscales_the_norm():
     params = _params(torch.tensor([0.0, 40.0]))
 
