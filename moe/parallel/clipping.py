@@ -6,7 +6,9 @@ squared partition norms are summed over the whole world, where every (expert, pa
 exactly one rank). Without ZeRO, DeepSpeed 0.19 gets it wrong under EP: fp32 averages the per-rank
 norms (`runtime/utils.clip_grad_norm_`) and bf16 leaves expert gradients out of the norm altogether
 (`FP16_UnfusedOptimizer.step`). `fix_engine_clipping` replaces both with the clipping below (through
-moe/parallel/deepspeed.py); `global_grad_norm` is the norm the loop logs.
+moe/parallel/deepspeed.py); `global_grad_norm` is the norm the loop logs. Every ZeRO-0 engine gets it,
+with or without experts: without EP it is DeepSpeed's rule and norm, and the engine's step then reuses
+the norm the loop read (no second pass over the gradients, none to multiply by a coefficient of 1).
 """
 from __future__ import annotations
 

@@ -122,11 +122,12 @@ def build_engine(model: torch.nn.Module, cfg, dist_info: DistInfo, grad_accum: i
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     engine, optimizer, scheduler = ds.initialize(model, optimizer, scheduler, deepspeed_config(t, grad_accum, dtype))
     ds.skip_allreduce_of_one_process(engine)
-    if model_groups(model) is not None:
-        if not ds.has_moe_layers(engine):
-            raise RuntimeError("DeepSpeed did not recognise the expert-parallel MoE layers; expert gradients "
-                               "would not be reduced")
-        fix_engine_clipping(engine)
+    if model_groups(model) is not None and not ds.has_moe_layers(engine):
+        raise RuntimeError("DeepSpeed did not recognise the expert-parallel MoE layers; expert gradients "
+                           "would not be reduced")
+    # every ZeRO-0 engine, not only expert-parallel ones: the same rule, and the norm the step logs is
+    # reused rather than computed again (moe/parallel/clipping.py)
+    fix_engine_clipping(engine)
     return engine, optimizer, scheduler, dtype
 
 
