@@ -17,9 +17,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                         for m in item.iter_markers("xdist_group")})
-        nodeid = f"{item.nodeid.split('@')[0]}@{'_'.join(names)}"
-        if not names or item.nodeid == nodeid:
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
             continue
+        nodeid = item.nodeid + suffix
         if hasattr(item, "_id"):  # pytest >= 9.2: NodeId.parse keeps the exact string
             item._id = type(item._id).parse(nodeid)
         else:

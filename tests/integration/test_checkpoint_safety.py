@@ -21,6 +21,9 @@ from moe.train.checkpoint.manifest import write_manifest
 from moe.errors import CheckpointError, RunFolderBusy, TrainingDiverged
 from tests.helpers import ROOT, read_metrics, run_moe, tiny_run_args
 
+# one worker runs this module, so its base run (module fixture, a `moe train` process) is trained once
+pytestmark = pytest.mark.xdist_group("checkpoint_safety")
+
 FIXTURE_V1 = os.path.join(ROOT, "tests", "fixtures", "checkpoint_v1")
 
 

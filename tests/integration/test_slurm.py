@@ -71,7 +71,8 @@ def test_unknown_partition_is_rejected(slurm, module_workdir, cache):
 def test_two_nodes_with_experts_across_nodes_equal_one_process(slurm, module_workdir, cache):
     """EP=2 over two nodes (each node holds 2 of the 4 experts) == one process holding all 4; then the
     saved script resubmitted as is, from another folder, runs again and resumes."""
-    one = run_moe(["train", *common(cache, SHORT), "train.micro_batch_size=4", "run.name=one"], cwd=module_workdir)
+    one = run_moe(["train", *common(cache, SHORT), "train.micro_batch_size=4", "run.name=one",
+                   "logging.wandb.mode=disabled"], cwd=module_workdir)  # the reference curve only: no W&B run
     assert one.returncode == 0
     out = run_moe([*two_node(cache, SHORT, "two", "parallel.ep_size=2"), "--wait"], cwd=module_workdir, timeout=300)
     job = job_id_from(out.stdout)

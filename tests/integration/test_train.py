@@ -56,7 +56,8 @@ def test_resume_gives_identical_loss_curve(workdir, data_cache):
     default multi-head model resumes in tests/integration/test_checkpoint_*.py)."""
     common = ["train.steps=12", "train.log_every=1", "train.eval_every=0", "checkpoint.every=6",
               "model.n_kv_heads=1", "model.qk_norm=proj"]
-    out = train(workdir, "debug_moe", *common, "run.name=straight", data_cache=data_cache)
+    out = train(workdir, "debug_moe", *common, "run.name=straight", "logging.wandb.mode=disabled",  # reference only
+                data_cache=data_cache)
     assert "freed host memory kept for reuse" in out.stdout  # train.keep_freed_memory defaults to true
     # interrupted: stop after 6 steps, then the same command with the full step count resumes (here
     # with the host-memory policy off: a resumable key, and it must not change any number)
@@ -80,7 +81,8 @@ def test_two_process_gloo_matches_one_process(workdir, data_cache):
 
     common = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
               "train.global_batch_size=4", f"data.cache_dir={data_cache}"]
-    train(workdir, "debug_moe", *common, "train.micro_batch_size=4", "run.name=one", data_cache=data_cache)
+    train(workdir, "debug_moe", *common, "train.micro_batch_size=4", "run.name=one", "logging.wandb.mode=disabled",
+          data_cache=data_cache)  # the reference curve only: no W&B run
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "moe.cli", "train", "experiments/debug_moe.yaml", *common,
