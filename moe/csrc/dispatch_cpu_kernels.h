@@ -265,6 +265,15 @@ void gather_sum_t(const scalar_t* y, int64_t y_stride, const int64_t* dest, cons
 #endif
 constexpr int64_t kSmallRowBytes = MOE_CPU_SMALL_ROW_BYTES;
 
+// n elements of a row in the accumulation type: the row itself when it has that type, else converted into buf.
+inline const float* row_as_acc(const float* row, float*, int64_t) { return row; }
+inline const double* row_as_acc(const double* row, double*, int64_t) { return row; }
+template <typename scalar_t>
+inline const float* row_as_acc(const scalar_t* row, float* buf, int64_t n) {
+  to_acc(row, buf, n);
+  return buf;
+}
+
 template <typename scalar_t>
 void unpermute_bwd_small_rows(const scalar_t* g, int64_t g_stride, const scalar_t* y, int64_t y_stride,
                               const int64_t* dest, const scalar_t* w, int64_t T, int64_t k, int64_t d, scalar_t* gy,
@@ -290,26 +299,14 @@ void unpermute_bwd_small_rows(const scalar_t* g, int64_t g_stride, const scalar_
         }
       }
 #endif
-      const acc_t* __restrict__ gs;
-      if constexpr (kSame) {
-        gs = g + t * g_stride;
-      } else {
-        to_acc(g + t * g_stride, gbuf, d);
-        gs = gbuf;
-      }
+      const acc_t* __restrict__ gs = row_as_acc(g + t * g_stride, gbuf, d);
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = dest[t * k + j];
         if (r < 0) {
           gw[t * k + j] = acc_t(0);
           continue;
         }
-        const acc_t* __restrict__ ys;
-        if constexpr (kSame) {
-          ys = y + r * y_stride;
-        } else {
-          to_acc(y + r * y_stride, ybuf, d);
-          ys = ybuf;
-        }
+        const acc_t* __restrict__ ys = row_as_acc(y + r * y_stride, ybuf, d);
         acc_t lanes[kLanes] = {};
         int64_t i = 0;
         for (; i + kLanes <= d; i += kLanes)
