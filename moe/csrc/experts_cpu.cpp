@@ -16,12 +16,6 @@
 // - weight phase (grad_w13, grad_w2: a sum over an expert's rows): each thread computes a block of
 //   output rows of every expert's weight gradient, over the expert's full segment.
 // Both phases give every thread the same FLOPs whatever the expert counts; no atomics, no partial sums.
-//
-// In float32 the GEMMs call the BLAS torch links (`sgemm_`, the Fortran interface that MKL and OpenBLAS
-// both export) on raw pointers: a fine-grained layer runs hundreds of GEMMs of ~100 rows per pass, and
-// at::mm_out's dispatch plus the narrow/select/t views around each call cost ~10 us apiece (measured:
-// 1,575 calls per step of the fine-grained quickstart). `sgemm_` is a weak symbol: where the loaded
-// torch does not export it (or for other dtypes) the same GEMMs go through at::mm_out.
 #include "dispatch.h"
 
 #include <ATen/Parallel.h>
@@ -32,55 +26,15 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <initializer_list>
 #include <cstdint>
 #include <utility>
 #include <vector>
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace moe {
 
 using at::Tensor;
 
 namespace {
-
-// C [m, n] = op(A) @ op(B), all row-major with leading dimensions lda, ldb, ldc (in elements); op(A) is
-// A [m, k] or, with trans_a, the transpose of A stored [k, m] (likewise B). Through `sgemm_` for float32
-// when torch exports it (column-major: C^T = op(B)^T op(A)^T), else at::mm_out on views of the same memory.
-struct Gemm {
-  bool direct;  // sgemm_ on raw pointers
-  at::ScalarType dtype;
-
-  static Gemm for_dtype(at::ScalarType dtype, std::initializer_list<int64_t> dims) {
-    bool fits = true;
-    for (int64_t v : dims) fits = fits && v < (int64_t(1) << 31);  // sgemm_ takes 32-bit ints
-    return {dtype == at::kFloat && sgemm_ != nullptr && fits, dtype};
-  }
-
-  void operator()(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
-                  const void* b, int64_t ldb, void* c, int64_t ldc) const {
-    if (m <= 0 || n <= 0) return;
-    if (direct) {
-      const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-      const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
-      const float one = 1.0f, zero = 0.0f;
-      const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-      sgemm_(&tb, &ta, &N, &M, &K, &one, static_cast<const float*>(b), &LDB, static_cast<const float*>(a), &LDA,
-             &zero, static_cast<float*>(c), &LDC);
-      return;
-    }
-    const auto opts = at::TensorOptions().dtype(dtype);
-    const Tensor A = trans_a ? at::from_blob(const_cast<void*>(a), {k, m}, {lda, 1}, opts).t()
-                             : at::from_blob(const_cast<void*>(a), {m, k}, {lda, 1}, opts);
-    const Tensor B = trans_b ? at::from_blob(const_cast<void*>(b), {n, k}, {ldb, 1}, opts).t()
-                             : at::from_blob(const_cast<void*>(b), {k, n}, {ldb, 1}, opts);
-    Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-    at::mm_out(C, A, B);
-  }
-};
 
 // Below this many FLOPs per thread, fewer threads: a parallel region costs a few microseconds.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 21;
@@ -196,22 +150,16 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const 
   const CpuRowKernels& k = cpu_row_kernels();
   const at::ScalarType dtype = x.scalar_type();
   const int64_t es = static_cast<int64_t>(x.element_size());
-  const Gemm gemm = Gemm::for_dtype(dtype, {s.N, s.d, 2 * s.h});
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  const char* w13p = static_cast<const char*>(w13.const_data_ptr());
-  const char* w2p = static_cast<const char*>(w2.const_data_ptr());
   char* h13p = static_cast<char*>(h13.mutable_data_ptr());
   char* actp = static_cast<char*>(act.mutable_data_ptr());
-  char* outp = static_cast<char*>(out.mutable_data_ptr());
   run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
-      // h13 = x_e @ w13[e]^T; act = SwiGLU(h13); out = act @ w2[e]^T
-      gemm(false, true, m, 2 * s.h, s.d, xp + lo * s.d * es, s.d, w13p + e * 2 * s.h * s.d * es, s.d,
-           h13p + lo * 2 * s.h * es, 2 * s.h);
+      Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
+      at::mm_out(h13_rows, x.narrow(0, lo, m), w13.select(0, e).t());
       k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
-      gemm(false, true, m, s.d, s.h, actp + lo * s.h * es, s.h, w2p + e * s.d * s.h * es, s.h, outp + lo * s.d * es,
-           s.d);
+      Tensor out_rows = out.narrow(0, lo, m);
+      at::mm_out(out_rows, act_rows, w2.select(0, e).t());
     });
   });
   return {out, h13, act};
@@ -241,31 +189,22 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
   }
   const CpuRowKernels& k = cpu_row_kernels();
   const int64_t es = static_cast<int64_t>(x.element_size());
-  const Gemm gemm = Gemm::for_dtype(dtype, {s.N, s.d, 2 * s.h});
   const std::vector<Tensor> tmp = scratch({{s.N, s.h}, {s.N, 2 * s.h}}, opts);
   const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  const char* gop = static_cast<const char*>(go.const_data_ptr());
-  const char* w13p = static_cast<const char*>(w13.const_data_ptr());
-  const char* w2p = static_cast<const char*>(w2.const_data_ptr());
   const char* h13p = static_cast<const char*>(h13.const_data_ptr());
-  const char* actp = static_cast<const char*>(act.const_data_ptr());
-  char* gap = static_cast<char*>(grad_act.mutable_data_ptr());
+  const char* gap = static_cast<const char*>(grad_act.const_data_ptr());
   char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
-  char* gxp = static_cast<char*>(grad_x.mutable_data_ptr());
-  char* gw13p = static_cast<char*>(grad_w13.mutable_data_ptr());
-  char* gw2p = static_cast<char*>(grad_w2.mutable_data_ptr());
 
   // Row phase: grad_act = grad_out @ w2[e]; grad_h13 = SwiGLU backward; grad_x = grad_h13 @ w13[e].
   run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
-      gemm(false, false, m, s.h, s.d, gop + lo * s.d * es, s.d, w2p + e * s.d * s.h * es, s.h, gap + lo * s.h * es,
-           s.h);
+      Tensor ga_rows = grad_act.narrow(0, lo, m);
+      at::mm_out(ga_rows, go.narrow(0, lo, m), w2.select(0, e));
       k.swiglu_bwd(dtype, gap + lo * s.h * es, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h,
                    gh13p + lo * 2 * s.h * es, 2 * s.h);
-      gemm(false, false, m, s.d, 2 * s.h, gh13p + lo * 2 * s.h * es, 2 * s.h, w13p + e * 2 * s.h * s.d * es, s.d,
-           gxp + lo * s.d * es, s.d);
+      Tensor gx_rows = grad_x.narrow(0, lo, m);
+      at::mm_out(gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
     });
   });
 
@@ -277,17 +216,15 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
     const int64_t i0 = s.d * p / parts, i1 = s.d * (p + 1) / parts;
     for (int64_t e = 0; e < s.E; ++e) {
       const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
-      char* gw13 = gw13p + (e * 2 * s.h + j0) * s.d * es;  // rows j0..j1 of grad_w13[e] [2h, d]
-      char* gw2 = gw2p + (e * s.d + i0) * s.h * es;        // rows i0..i1 of grad_w2[e] [d, h]
+      Tensor gw13 = grad_w13.select(0, e).narrow(0, j0, j1 - j0);
+      Tensor gw2 = grad_w2.select(0, e).narrow(0, i0, i1 - i0);
       if (c == 0) {
-        std::fill_n(gw13, (j1 - j0) * s.d * es, char(0));
-        std::fill_n(gw2, (i1 - i0) * s.h * es, char(0));
+        gw13.zero_();
+        gw2.zero_();
         continue;
       }
-      // grad_w13[e][j0:j1] = grad_h13[rows, j0:j1]^T @ x[rows]; grad_w2[e][i0:i1] = grad_out[rows, i0:i1]^T @ act[rows]
-      gemm(true, false, j1 - j0, s.d, c, gh13p + (lo * 2 * s.h + j0) * es, 2 * s.h, xp + lo * s.d * es, s.d, gw13,
-           s.d);
-      gemm(true, false, i1 - i0, s.h, c, gop + (lo * s.d + i0) * es, s.d, actp + lo * s.h * es, s.h, gw2, s.h);
+      at::mm_out(gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c));
+      at::mm_out(gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c));
     }
   });
   return {grad_x, grad_w13, grad_w2};
