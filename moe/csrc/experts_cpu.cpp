@@ -16,6 +16,11 @@
 // - weight phase (grad_w13, grad_w2: a sum over an expert's rows): each thread computes a block of
 //   output rows of every expert's weight gradient, over the expert's full segment.
 // Both phases give every thread the same FLOPs whatever the expert counts; no atomics, no partial sums.
+// - backward with many small experts (64 or 128 of ~100-300 rows): each thread takes a contiguous
+//   range of whole experts, cut where its rows come within 3% of an even share, and runs one expert's
+//   five GEMMs back to back, so the expert's grad_out, grad_h13 and x rows are still in cache for
+//   its weight gradients (the two phases above read them from memory twice). Measured at 128
+//   experts of hidden 128, T=2048, 2 threads: the op's forward + backward 163 -> 153 ms.
 #include "dispatch.h"
 
 #include <ATen/Parallel.h>
@@ -129,6 +134,32 @@ std::vector<Tensor> scratch(const std::vector<std::pair<int64_t, int64_t>>& shap
   return out;
 }
 
+// Whole experts per thread: boundaries b[0] = 0 < ... < b[parts] = E of `parts` contiguous expert
+// ranges, b[p] the expert boundary nearest row N p / parts. Empty (use the row split instead) when
+// that leaves a thread more than kMaxOwnerImbalance over its even share of rows: with a few large
+// experts (8 experts top-2) a whole-expert split is uneven, with many small ones it is within ~1%.
+constexpr double kMaxOwnerImbalance = 0.03;
+
+std::vector<int64_t> expert_ranges(const std::vector<int64_t>& offs, int64_t parts) {
+  const int64_t E = static_cast<int64_t>(offs.size()) - 1, N = offs.back();
+  if (N == 0) return {};
+  if (parts <= 1) return {0, E};
+  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, 0);
+  b[parts] = E;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = N * p / parts;
+    // first boundary at or past the target, then the nearer of it and the one before
+    int64_t e = static_cast<int64_t>(std::lower_bound(offs.begin(), offs.end(), target) - offs.begin());
+    if (e > 0 && target - offs[e - 1] < offs[e] - target) --e;
+    b[p] = std::max(b[p - 1], std::min(e, E));
+  }
+  const double share = static_cast<double>(N) / static_cast<double>(parts);
+  for (int64_t p = 0; p < parts; ++p) {
+    if (static_cast<double>(offs[b[p + 1]] - offs[b[p]]) > share * (1.0 + kMaxOwnerImbalance)) return {};
+  }
+  return b;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const Tensor& w13_in, const Tensor& w2_in,
@@ -189,9 +220,42 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
   }
   const CpuRowKernels& k = cpu_row_kernels();
   const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+
+  // Many small experts: each thread takes whole experts and does all five GEMMs of one expert back
+  // to back, so its grad_out, x and grad_h13 rows are still in cache for the weight gradients.
+  const std::vector<int64_t> owners = expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E));
+  if (!owners.empty()) {
+    const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
+    run_parts(parts, [&](int64_t p, int64_t) {
+      int64_t max_rows = 0;
+      for (int64_t e = owners[p]; e < owners[p + 1]; ++e) max_rows = std::max(max_rows, offs[e + 1] - offs[e]);
+      const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}}, opts);
+      const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
+      char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
+      for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
+        const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
+        Tensor gw13 = grad_w13.select(0, e), gw2 = grad_w2.select(0, e);
+        if (c == 0) {
+          gw13.zero_();
+          gw2.zero_();
+          continue;
+        }
+        Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c);
+        const Tensor go_e = go.narrow(0, lo, c);
+        at::mm_out(ga, go_e, w2.select(0, e));
+        k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
+        Tensor gx_rows = grad_x.narrow(0, lo, c);
+        at::mm_out(gx_rows, gh, w13.select(0, e));
+        at::mm_out(gw13, gh.t(), x.narrow(0, lo, c));
+        at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
+      }
+    });
+    return {grad_x, grad_w13, grad_w2};
+  }
+
   const std::vector<Tensor> tmp = scratch({{s.N, s.h}, {s.N, 2 * s.h}}, opts);
   const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
-  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
   const char* gap = static_cast<const char*>(grad_act.const_data_ptr());
   char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
 

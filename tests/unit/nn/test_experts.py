@@ -252,6 +252,49 @@ def test_grouped_swiglu_thread_counts_agree():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _whole_expert_split_fits(counts, parts, max_imbalance=0.03):
+    """Mirror of experts_cpu.cpp `expert_ranges`: whether the backward gives each of `parts` threads whole
+    experts (each thread's rows within 3% of an even share) rather than a range of rows."""
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + c)
+    n, bounds = offs[-1], [0]
+    for p in range(1, parts):
+        target = n * p // parts
+        e = next(i for i, o in enumerate(offs) if o >= target)
+        if e > 0 and target - offs[e - 1] < offs[e] - target:
+            e -= 1
+        bounds.append(max(bounds[-1], e))
+    bounds.append(len(counts))
+    return all(offs[bounds[p + 1]] - offs[bounds[p]] <= n / parts * (1 + max_imbalance) for p in range(parts))
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", ["many small experts", "few uneven experts"])
+def test_grouped_swiglu_backward_both_thread_splits(case, threads):
+    """The backward splits work over threads in two ways: whole experts per thread (many small experts,
+    where that is even) or a range of rows plus a share of every weight gradient (a few uneven experts).
+    Both equal the reference, forward and all three gradients, empty experts included."""
+    if case == "many small experts":
+        counts = [(7 * e) % 23 if e % 9 else 0 for e in range(96)]  # 96 experts, 0-22 rows each
+    else:
+        counts = [300, 1, 0, 211, 64]
+    assert _whole_expert_split_fits(counts, threads) == (case == "many small experts")
+    x, w13, w2 = _weights(counts, 64, 96, torch.float64)
+    assert 6 * sum(counts) * 64 * 96 >= threads * (1 << 21)  # enough work for every thread (kMinFlopsPerThread)
+    counts_t = torch.tensor(counts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+    finally:
+        torch.set_num_threads(previous)
+    want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t), x, w13, w2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grouped_swiglu_cpu_isa_variants_identical(dtype):
