@@ -42,6 +42,7 @@
 #define MOE_CPU_ISA base
 #include "dispatch_cpu_kernels.h"
 #include "experts_cpu_kernels.h"
+#include "router_cpu_kernels.h"
 #undef MOE_CPU_ISA
 
 namespace moe {
@@ -117,7 +118,8 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 namespace {
 
 const CpuRowKernels kBaseKernels{"base",         &base::gather_sum, &base::unpermute_bwd,
-                                 &base::permute, &base::swiglu_fwd, &base::swiglu_bwd};
+                                 &base::permute, &base::swiglu_fwd, &base::swiglu_bwd,
+                                 &base::topk_expert_major, base::kLanesF};
 
 bool cpu_supports_avx2() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))

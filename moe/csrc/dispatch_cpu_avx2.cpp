@@ -30,6 +30,7 @@
 
 #include "dispatch_cpu_kernels.h"
 #include "experts_cpu_kernels.h"
+#include "router_cpu_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -40,7 +41,8 @@
 namespace moe {
 namespace {
 const CpuRowKernels kAvx2Kernels{"avx2",         &avx2::gather_sum, &avx2::unpermute_bwd,
-                                 &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd};
+                                 &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd,
+                                 &avx2::topk_expert_major, avx2::kLanesF};
 }
 const CpuRowKernels* avx2_row_kernels() { return &kAvx2Kernels; }
 }  // namespace moe

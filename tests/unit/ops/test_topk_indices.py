@@ -21,13 +21,23 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores.double(), dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def expert_major(scores: torch.Tensor) -> torch.Tensor:
+    """The same [T, E] values laid out as the routers' softmax leaves them: the transpose of a contiguous
+    [E, T] (the compiled op's vector path for fp32, k <= 16)."""
+    return scores.t().contiguous().t()
+
+
+LAYOUTS = {"rows": lambda s: s, "expert-major": expert_major}
+
+
 @needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("E,k", [(1, 1), (8, 2), (64, 8), (128, 8), (256, 8), (16, 16), (7, 3)])
-def test_equals_torch_topk_on_distinct_scores(E, k, dtype):
+@pytest.mark.parametrize("E,k", [(1, 1), (8, 2), (64, 8), (128, 8), (256, 8), (16, 16), (7, 3), (40, 20)])
+def test_equals_torch_topk_on_distinct_scores(E, k, dtype, layout):
     g = torch.Generator().manual_seed(E * 31 + k)
     # distinct integers below 257 are exact in every dtype here, so torch.topk's answer is unique
-    scores = torch.stack([torch.randperm(E, generator=g) for _ in range(300)]).to(dtype) / 4
+    scores = LAYOUTS[layout](torch.stack([torch.randperm(E, generator=g) for _ in range(300)]).to(dtype) / 4)
     got = ops.topk_indices(scores, k, backend=EXT)
     assert got.dtype == torch.long and got.shape == (300, k)
     assert torch.equal(got, torch.topk(scores, k, dim=-1).indices)
@@ -36,10 +46,12 @@ def test_equals_torch_topk_on_distinct_scores(E, k, dtype):
 
 @needs_ext
 def test_router_scores():
-    """Softmax router scores of 2,048 tokens over 64 and 128 experts: torch.topk's indices exactly."""
+    """Softmax router scores of 2,048 tokens over 64 and 128 experts, in both layouts: torch.topk's indices
+    exactly."""
     for E in (64, 128):
-        scores = torch.randn(2048, E, generator=torch.Generator().manual_seed(E)).softmax(-1)
-        assert torch.equal(ops.topk_indices(scores, 8, backend=EXT), torch.topk(scores, 8).indices)
+        logits = torch.randn(E, 2048, generator=torch.Generator().manual_seed(E))
+        for scores in (logits.t().softmax(-1), logits.softmax(0).t()):  # rows; expert-major (the routers')
+            assert torch.equal(ops.topk_indices(scores, 8, backend=EXT), torch.topk(scores, 8).indices)
 
 
 @needs_ext
@@ -51,20 +63,23 @@ def test_ties_nan_and_infinities_in_a_stable_order():
         [float("-inf"), float("-inf"), 3.0, float("-inf"), float("-inf")],
         [-0.0, 0.0, -0.0, 0.5, 0.0],
     ])
+    want = [[0, 1, 2, 3], [1, 2, 4, 0], [0, 2, 3, 1], [2, 0, 1, 3], [3, 0, 1, 2]]
     got = ops.topk_indices(rows, 4, backend=EXT)
-    assert got.tolist() == [[0, 1, 2, 3], [1, 2, 4, 0], [0, 2, 3, 1], [2, 0, 1, 3], [3, 0, 1, 2]]
+    assert got.tolist() == want
     assert torch.equal(got, stable_topk(rows, 4))
+    many = rows.repeat(5, 1)  # 25 tokens: whole vectors of tokens and a tail, expert-major
+    assert ops.topk_indices(expert_major(many), 4, backend=EXT).tolist() == want * 5
 
 
 @needs_ext
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=st.integers(0, 40), E=st.integers(1, 40), data=st.data(), levels=st.integers(1, 6),
-       dtype=st.sampled_from(DTYPES))
-def test_any_shape_with_many_ties(T, E, data, levels, dtype):
-    """Few distinct values (many ties) in any shape: the stable order, for every k from 0 to E."""
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(sorted(LAYOUTS)))
+def test_any_shape_with_many_ties(T, E, data, levels, dtype, layout):
+    """Few distinct values (many ties) in any shape and layout: the stable order, for every k from 0 to E."""
     k = data.draw(st.integers(0, E))
     g = torch.Generator().manual_seed(T * 1000 + E)
-    scores = torch.randint(0, levels, (T, E), generator=g).to(dtype)
+    scores = LAYOUTS[layout](torch.randint(0, levels, (T, E), generator=g).to(dtype))
     assert torch.equal(ops.topk_indices(scores, k, backend=EXT), stable_topk(scores, k))
 
 
@@ -78,6 +93,16 @@ def test_strided_input_and_bad_arguments():
         torch.ops.moe.topk_indices(scores[0], 2)
     with pytest.raises(RuntimeError, match="topk_indices: scores must be floating point"):
         torch.ops.moe.topk_indices(scores.long(), 2)
+
+
+@needs_ext
+def test_vector_kernel_is_the_same_on_every_isa():
+    """The expert-major vector path (4 lanes in the baseline build, 8 with AVX2) gives the same indices."""
+    from tests.helpers import assert_cpu_isa_variants_identical
+
+    g = torch.Generator().manual_seed(3)
+    scores = expert_major(torch.randint(0, 5, (203, 64), generator=g).float())  # ties; a tail of 3 tokens
+    assert_cpu_isa_variants_identical(lambda: [ops.topk_indices(scores, 8, backend=EXT)])
 
 
 @needs_ext
