@@ -61,9 +61,10 @@ struct CpuRowKernels {
                      int64_t ld_act);
   void (*swiglu_bwd)(at::ScalarType dtype, const void* grad_act, int64_t ld_ga, const void* h13, int64_t ld_h13,
                      int64_t rows, int64_t h, void* grad_h13, int64_t ld_gh13);
-  // Top-k of fp32 expert-major scores s[e * ld + t] for tokens [t0, t1) (router_cpu_kernels.h), whole
-  // vectors of topk_lanes tokens only, k <= kTopkMaxK; out [T, k] int64, row t at out + t * k.
-  void (*topk_expert_major)(const float* s, int64_t ld, int64_t t0, int64_t t1, int64_t E, int64_t k, int64_t* out);
+  // Top-k of fp32 scores s[t * token_stride + e * expert_stride] for tokens [t0, t1) (router_cpu_kernels.h),
+  // whole vectors of topk_lanes tokens only, k <= kTopkMaxK; out [T, k] int64, row t at out + t * k.
+  void (*topk_vectors)(const float* s, int64_t token_stride, int64_t expert_stride, int64_t t0, int64_t t1, int64_t E,
+                       int64_t k, int64_t* out);
   int64_t topk_lanes;
 };
 constexpr int64_t kTopkMaxK = 16;  // the vector top-k keeps k (score, index) vectors in registers

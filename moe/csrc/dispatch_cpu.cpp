@@ -119,7 +119,7 @@ namespace {
 
 const CpuRowKernels kBaseKernels{"base",         &base::gather_sum, &base::unpermute_bwd,
                                  &base::permute, &base::swiglu_fwd, &base::swiglu_bwd,
-                                 &base::topk_expert_major, base::kLanesF};
+                                 &base::topk_vectors, base::kLanesF};
 
 bool cpu_supports_avx2() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))

@@ -42,7 +42,7 @@ namespace moe {
 namespace {
 const CpuRowKernels kAvx2Kernels{"avx2",         &avx2::gather_sum, &avx2::unpermute_bwd,
                                  &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd,
-                                 &avx2::topk_expert_major, avx2::kLanesF};
+                                 &avx2::topk_vectors, avx2::kLanesF};
 }
 const CpuRowKernels* avx2_row_kernels() { return &kAvx2Kernels; }
 }  // namespace moe

@@ -1,16 +1,17 @@
-// CPU kernel of the routers' top-k over expert-major scores, compiled once per instruction set like
+// CPU kernel of the routers' top-k, one token per vector lane, compiled once per instruction set like
 // dispatch_cpu_kernels.h (include after experts_cpu_kernels.h, whose vector types it uses, with
 // MOE_CPU_ISA naming the namespace).
 //
-// topk_expert_major: fp32 scores s[e * ld + t] (the transpose of a contiguous [E, T]: what a router's
-// softmax over dim 0 of its [E, T] logits leaves), tokens [t0, t1) in whole vectors. One vector lane
-// per token: each lane keeps its k best (score, index) pairs sorted, and every expert, in increasing
-// index, replaces a lane's last pair when it ranks strictly above it and then bubbles up past the
-// pairs it ranks strictly above. So equal scores keep ascending index order and NaN ranks first, the
-// order of router_cpu.cpp's row kernel, without a branch per token. The bubble runs all k levels:
-// stopping at the first level where no lane moves measured 2-3x slower (the branch mispredicts).
-// One thread, 2,048 tokens, k = 8: 0.25 ms for 64 experts, 0.43 ms for 128 (the row kernel on the
-// same scores made contiguous: 1.2 and 1.6 ms, plus the copy).
+// topk_vectors: fp32 scores s[t * token_stride + e * expert_stride] (rows [T, E], or expert-major: the
+// transpose of a contiguous [E, T]), tokens [t0, t1) in whole vectors; rows are transposed a vector
+// of tokens at a time into a small expert-major block first. One vector lane per token: each lane
+// keeps its k best (score, index) pairs sorted, and every expert, in increasing index, replaces a
+// lane's last pair when it ranks strictly above it and then bubbles up past the pairs it ranks
+// strictly above. So equal scores keep ascending index order and NaN ranks first, the order of
+// router_cpu.cpp's row kernel, without a branch per token. The bubble runs all k levels: stopping at
+// the first level where no lane moves measured 2-3x slower (the branch mispredicts).
+// One thread, 2,048 tokens, k = 8: 0.25 / 0.29 ms (expert-major / rows) for 64 experts, 0.43 / 0.51 ms
+// for 128; the row kernel of router_cpu.cpp: 1.2 and 1.7 ms on rows.
 #ifndef MOE_CPU_ISA
 #error "define MOE_CPU_ISA before including router_cpu_kernels.h"
 #endif
@@ -31,12 +32,23 @@ inline bool any_v(vint m) {
   return r != 0;
 }
 
-void topk_expert_major(const float* s, int64_t ld, int64_t t0, int64_t t1, int64_t E, int64_t k, int64_t* out) {
+void topk_vectors(const float* s, int64_t token_stride, int64_t expert_stride, int64_t t0, int64_t t1, int64_t E,
+                  int64_t k, int64_t* out) {
   vfloat best[kTopkMaxK];
   vint idx[kTopkMaxK];
+  // token-major scores (rows): each vector of tokens is first transposed into `block`, expert-major
+  std::vector<float> block(static_cast<size_t>(token_stride == 1 ? 0 : E * kLanesF));
   for (int64_t t = t0; t + kLanesF <= t1; t += kLanesF) {
+    const float* src = s + t * token_stride;
+    int64_t ld = expert_stride;
+    if (token_stride != 1) {
+      for (int64_t l = 0; l < kLanesF; ++l)
+        for (int64_t e = 0; e < E; ++e) block[e * kLanesF + l] = src[l * token_stride + e * expert_stride];
+      src = block.data();
+      ld = kLanesF;
+    }
     for (int64_t e = 0; e < E; ++e) {
-      const vfloat v = load_v(s + e * ld + t);
+      const vfloat v = load_v(src + e * ld);
       const vint ev = vint{} + static_cast<int32_t>(e);
       int64_t i;
       if (e < k) {  // filling: append, then bubble up

@@ -147,7 +147,7 @@ class Router(nn.Module):
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.score_func == "sigmoid":
             return torch.sigmoid(logits)
-        if logits.device.type == "cpu" and logits.dim() == 2:
+        if _expert_major(logits, logits.shape[-1]):
             return torch.softmax(logits.t(), dim=0).t()  # see _linear: over dim 0 of [E, T] is ~10x faster
         return torch.softmax(logits, dim=-1)
 
@@ -220,12 +220,23 @@ class Router(nn.Module):
                 buf.data = buf.data.float()
 
 
+EXPERT_MAJOR_BELOW = 32
+"""Routers with fewer experts keep their CPU logits and scores expert-major (see `_linear`)."""
+
+
+def _expert_major(x: torch.Tensor, num_experts: int) -> bool:
+    return x.device.type == "cpu" and x.dim() == 2 and num_experts < EXPERT_MAJOR_BELOW
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, d] @ weight[E, d]^T. On CPU the result is the transpose of a contiguous [E, T]: PyTorch's
-    CPU kernels over a short last dimension are slow (for E=8, softmax over the experts of a [T, E]
-    tensor is ~10x slower than over dim 0 of [E, T]; logsumexp and sums ~2x), and this GEMM is faster
-    too. Same values, another memory layout (up to the GEMM's rounding)."""
-    if x.device.type == "cpu" and x.dim() == 2:
+    """x [T, d] @ weight[E, d]^T. On CPU with fewer than EXPERT_MAJOR_BELOW experts the result is the
+    transpose of a contiguous [E, T]: PyTorch's CPU kernels over a short last dimension are slow (for
+    E=8, softmax over the experts of a [T, E] tensor was ~10x slower than over dim 0 of [E, T];
+    logsumexp and sums ~2x). From 32 experts the plain [T, E] layout is faster: the whole router,
+    forward + backward, one process taking turns, 2,048 tokens: 7.3 -> 6.2 ms at 128 experts
+    (d=128, one thread), 3.5 -> 3.0 ms at 64, 2.1 -> 1.9 ms at 32, level at 16, and 1.15 -> 1.25 ms
+    (slower) at 8. Same values, another memory layout (up to the GEMM's rounding)."""
+    if _expert_major(x, weight.shape[0]):
         return torch.mm(weight, x.t()).t()
     return F.linear(x, weight)
 
