@@ -52,7 +52,7 @@ struct CpuRowKernels {
   void (*gather_sum)(at::ScalarType dtype, const void* y, int64_t y_stride, const int64_t* dest, const void* w,
                      int64_t T, int64_t k, int64_t d, void* out);
   void (*unpermute_bwd)(at::ScalarType dtype, const void* g, int64_t g_stride, const void* y, int64_t y_stride,
-                        const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, void* grad_y,
+                        const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, int64_t R, void* grad_y,
                         void* grad_w);
   void (*permute)(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
                   int64_t row_bytes, char* out);

@@ -370,7 +370,7 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
     const Rows yr = as_rows(y);
     cpu_row_kernels().unpermute_bwd(y.scalar_type(), gr.tensor.const_data_ptr(), gr.row_stride,
                                     yr.tensor.const_data_ptr(), yr.row_stride, dp, w.const_data_ptr(), T, k,
-                                    yr.row_numel, grad_y.mutable_data_ptr(), grad_w.mutable_data_ptr());
+                                    yr.row_numel, R, grad_y.mutable_data_ptr(), grad_w.mutable_data_ptr());
   }
   return {grad_y, grad_w.to(gate_weights.scalar_type())};
 }

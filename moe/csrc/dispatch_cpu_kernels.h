@@ -256,9 +256,10 @@ void gather_sum_t(const scalar_t* y, int64_t y_stride, const int64_t* dest, cons
 // in increasing i) reduced in the same fixed tree, so they give bitwise the same results.
 
 // Rows of at most kSmallRowBytes (d_model up to 2048 in fp32): a whole row at a time, the lanes in
-// registers, grad_y written straight from g, the next token's rows prefetched. Measured on one thread
-// (fp32, per call, against a copy of grad_y's bytes): 16K rows of 512 B 4.0 -> 2.4 ms (copy 1.4), 2K
-// rows of 4 KiB 4.7 -> 2.1 ms, 2K rows of 8 KiB 5.1 -> 3.3 ms; the blocked path below (many rows
+// registers, in the order of y's rows (see unpermute_bwd_small_rows). Measured on one thread (fp32,
+// per call): 16K rows of 512 B 4.0 -> 2.4 ms (token order, whole rows; a copy of grad_y's bytes 1.4),
+// then, on another machine with caches flushed before each call, 1.7 -> 1.1 ms in y's order; 16K rows
+// of 2 KiB (two threads, freed memory kept) 3.4 -> 2.1 ms. The blocked path below (many rows
 // interleaved in kBlockBytes pieces) keeps rows wider than that.
 #ifndef MOE_CPU_SMALL_ROW_BYTES
 #define MOE_CPU_SMALL_ROW_BYTES 8192
@@ -276,59 +277,56 @@ inline const float* row_as_acc(const scalar_t* row, float* buf, int64_t n) {
 
 template <typename scalar_t>
 void unpermute_bwd_small_rows(const scalar_t* g, int64_t g_stride, const scalar_t* y, int64_t y_stride,
-                              const int64_t* dest, const scalar_t* w, int64_t T, int64_t k, int64_t d, scalar_t* gy,
-                              typename AccType<scalar_t>::type* gw, bool stream) {
+                              const int64_t* dest, const scalar_t* w, int64_t T, int64_t k, int64_t d, int64_t R,
+                              scalar_t* gy, typename AccType<scalar_t>::type* gw, bool stream) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   constexpr int64_t kMax = kSmallRowBytes / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t es = static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, (2 * k + 1) * d * es));
-  at::parallel_for(0, T, grain, [&](int64_t tb, int64_t te) {
+  // Walked in y's order, not the tokens': y is read and grad_y written front to back (the hardware
+  // prefetcher streams both), and only g, T rows, is read at random places (it stays in cache). The
+  // token order read y and wrote grad_y at random places: at T=2048, k=8, d=128 (fp32, one thread,
+  // caches flushed before each call) 1.9 -> 1.1 ms. src[r] = t * k + j of the pair row r belongs to.
+  std::vector<int64_t> src(static_cast<size_t>(R), -1);
+  for (int64_t i = 0; i < T * k; ++i) {
+    if (dest[i] >= 0) src[dest[i]] = i;
+    else gw[i] = acc_t(0);
+  }
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 3 * d * es));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t gbuf[kMax];
     alignas(64) acc_t ybuf[kMax];
     alignas(64) acc_t wg[kMax];
     alignas(64) scalar_t tmp[kMax];
-    for (int64_t t = tb; t < te; ++t) {
-#if defined(MOE_HAVE_SSE2) && MOE_CPU_PREFETCH
-      if (t + 1 < te) {  // the next token's rows: random places of y
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = dest[(t + 1) * k + j];
-          if (r < 0) continue;
-          const char* p = reinterpret_cast<const char*>(y + r * y_stride);
-          for (int64_t off = 0; off < d * es; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* dst = gy + r * d;
+      const int64_t i = src[r];
+      if (i < 0) {  // a row no pair reads: its gradient is zero
+        std::memset(dst, 0, static_cast<size_t>(d * es));
+        continue;
       }
-#endif
-      const acc_t* __restrict__ gs = row_as_acc(g + t * g_stride, gbuf, d);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t r = dest[t * k + j];
-        if (r < 0) {
-          gw[t * k + j] = acc_t(0);
+      const acc_t* __restrict__ gs = row_as_acc(g + (i / k) * g_stride, gbuf, d);
+      const acc_t* __restrict__ ys = row_as_acc(y + r * y_stride, ybuf, d);
+      acc_t lanes[kLanes] = {};
+      int64_t q = 0;
+      for (; q + kLanes <= d; q += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += gs[q + l] * ys[q + l];
+      for (int l = 0; q < d; ++q, ++l) lanes[l] += gs[q] * ys[q];
+      for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
+        for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
+      gw[i] = lanes[0];
+      const acc_t wv = static_cast<acc_t>(w[i]);
+      if constexpr (kSame) {
+        if (!stream) {
+          for (int64_t c = 0; c < d; ++c) dst[c] = wv * gs[c];
           continue;
         }
-        const acc_t* __restrict__ ys = row_as_acc(y + r * y_stride, ybuf, d);
-        acc_t lanes[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= d; i += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] += gs[i + l] * ys[i + l];
-        for (int l = 0; i < d; ++i, ++l) lanes[l] += gs[i] * ys[i];
-        for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
-          for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
-        gw[t * k + j] = lanes[0];
-        const acc_t wv = static_cast<acc_t>(w[t * k + j]);
-        scalar_t* dst = gy + r * d;
-        if constexpr (kSame) {
-          if (!stream) {
-            for (int64_t q = 0; q < d; ++q) dst[q] = wv * gs[q];
-            continue;
-          }
-          for (int64_t q = 0; q < d; ++q) wg[q] = wv * gs[q];
-          copy_row(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(wg), d * es, stream);
-        } else {
-          for (int64_t q = 0; q < d; ++q) wg[q] = wv * gs[q];
-          from_acc(wg, tmp, d);
-          copy_row(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(tmp), d * es, stream);
-        }
+        for (int64_t c = 0; c < d; ++c) wg[c] = wv * gs[c];
+        copy_row(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(wg), d * es, stream);
+      } else {
+        for (int64_t c = 0; c < d; ++c) wg[c] = wv * gs[c];
+        from_acc(wg, tmp, d);
+        copy_row(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(tmp), d * es, stream);
       }
     }
     stream_fence(stream);
@@ -337,7 +335,7 @@ void unpermute_bwd_small_rows(const scalar_t* g, int64_t g_stride, const scalar_
 
 template <typename scalar_t>
 void unpermute_bwd_t(const scalar_t* g, int64_t g_stride, const scalar_t* y, int64_t y_stride, const int64_t* dest,
-                     const scalar_t* w, int64_t T, int64_t k, int64_t d, scalar_t* gy,
+                     const scalar_t* w, int64_t T, int64_t k, int64_t d, int64_t R, scalar_t* gy,
                      typename AccType<scalar_t>::type* gw) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
@@ -346,11 +344,18 @@ void unpermute_bwd_t(const scalar_t* g, int64_t g_stride, const scalar_t* y, int
   const int64_t es = static_cast<int64_t>(sizeof(scalar_t));
   const int64_t G = group_tokens(k);
   const int64_t ngroups = (T + G - 1) / G;
-  int64_t R = 0;  // rows written = kept slots
-  for (int64_t i = 0; i < T * k; ++i) R += dest[i] >= 0;
-  const bool stream = use_streaming(R * d * es);
+  int64_t kept = 0;  // rows written = kept slots
+  for (int64_t i = 0; i < T * k; ++i) kept += dest[i] >= 0;
+  const bool stream = use_streaming(kept * d * es);
+  if (d * es > kSmallRowBytes && kept < R) {  // rows no pair reads: their gradient is zero
+    std::vector<char> read(static_cast<size_t>(R), 0);
+    for (int64_t i = 0; i < T * k; ++i)
+      if (dest[i] >= 0) read[dest[i]] = 1;
+    for (int64_t r = 0; r < R; ++r)
+      if (!read[r]) std::memset(gy + r * d, 0, static_cast<size_t>(d * es));
+  }
   if (d * es <= kSmallRowBytes) {
-    unpermute_bwd_small_rows<scalar_t>(g, g_stride, y, y_stride, dest, w, T, k, d, gy, gw, stream);
+    unpermute_bwd_small_rows<scalar_t>(g, g_stride, y, y_stride, dest, w, T, k, d, R, gy, gw, stream);
     return;
   }
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, G * (2 * k + 1) * d * es));
@@ -432,11 +437,12 @@ void gather_sum(at::ScalarType dtype, const void* y, int64_t y_stride, const int
 }
 
 void unpermute_bwd(at::ScalarType dtype, const void* g, int64_t g_stride, const void* y, int64_t y_stride,
-                   const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, void* gy, void* gw) {
+                   const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, int64_t R, void* gy,
+                   void* gw) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_unpermute_backward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     unpermute_bwd_t<scalar_t>(static_cast<const scalar_t*>(g), g_stride, static_cast<const scalar_t*>(y), y_stride,
-                              dest, static_cast<const scalar_t*>(w), T, k, d, static_cast<scalar_t*>(gy),
+                              dest, static_cast<const scalar_t*>(w), T, k, d, R, static_cast<scalar_t*>(gy),
                               static_cast<acc_t*>(gw));
   });
 }

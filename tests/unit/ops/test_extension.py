@@ -334,6 +334,30 @@ def test_unpermute_backward_both_row_paths(dtype, row_bytes):
     assert_cpu_isa_variants_identical(run)
 
 
+@needs_ext
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row_bytes", [512, 8200])
+def test_unpermute_backward_rows_no_slot_reads(dtype, row_bytes):
+    """y may hold rows that no (token, slot) reads (dest_rows only has to stay below y's row count): their
+    gradient is zero, as the reference's, in both row paths; the other rows are unchanged."""
+    index = _index("skewed_cap_priority", EXT)
+    d = row_bytes // dtype.itemsize
+    _, y, w, gout, _ = _data(index, index.dest_rows.shape[0], d, dtype)
+    extra = torch.randn(5, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_more = torch.cat([y, extra])
+    dirty = torch.full_like(y_more, 3.0)  # freed memory the allocator may hand to grad_y
+    del dirty
+    gy, gw = _grads(lambda a, b: ops.unpermute(a, index, b, backend=EXT), [y_more, w], gout)[1]
+    ry, rw = _grads(lambda a, b: unpermute_reference(a, index, b), [y_more, w], gout)[1]
+    assert torch.equal(gy[index.num_rows:], torch.zeros_like(extra))
+    torch.testing.assert_close(gy, ry, **TOL[dtype])
+    # grad_w: dot products of d terms, summed in another order than the reference's
+    torch.testing.assert_close(gw, rw, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * d ** 0.5)
+    base_gy, base_gw = _grads(lambda a, b: ops.unpermute(a, index, b, backend=EXT), [y, w], gout)[1]
+    assert torch.equal(gy[:index.num_rows], base_gy) and torch.equal(gw, base_gw)
+
+
 # ------------------------------------------------------------------ property tests (hypothesis)
 
 @st.composite
