@@ -54,7 +54,7 @@ struct CpuRowKernels {
   void (*unpermute_bwd)(at::ScalarType dtype, const void* g, int64_t g_stride, const void* y, int64_t y_stride,
                         const int64_t* dest, const void* w, int64_t T, int64_t k, int64_t d, int64_t R, void* grad_y,
                         void* grad_w);
-  void (*permute)(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
+  void (*permute)(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k, int64_t R,
                   int64_t row_bytes, char* out);
   // Fused SwiGLU over `rows` rows (experts_cpu_kernels.h), run by the calling thread; strides in elements.
   void (*swiglu_fwd)(at::ScalarType dtype, const void* h13, int64_t ld_h13, int64_t rows, int64_t h, void* act,

@@ -310,7 +310,7 @@ Tensor permute_cpu(const Tensor& x, const Tensor& dest_rows, int64_t num_rows) {
   const Rows xr = as_rows(x);
   const int64_t es = static_cast<int64_t>(x.element_size());
   cpu_row_kernels().permute(static_cast<const char*>(xr.tensor.const_data_ptr()), xr.row_stride * es, dp, T, k,
-                            xr.row_numel * es, static_cast<char*>(out.mutable_data_ptr()));
+                            num_rows, xr.row_numel * es, static_cast<char*>(out.mutable_data_ptr()));
   return out;
 }
 

@@ -171,10 +171,30 @@ inline void prefetch_block(const Group<scalar_t, acc_t>& next, int64_t c, int64_
 #endif
 }
 
-// ---- permute: out[dest[t, j]] = x[t], the token row read once, whole-row copies.
-inline void permute_rows(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k,
+// ---- permute: out[dest[t, j]] = x[t], whole-row copies. An output small enough to stay in cache for the
+// experts (below MOE_CPU_STREAM_MIN_BYTES) is walked in its own order: written front to back, with
+// only x, T rows, read at random places; at T=2048, k=8, rows of 512 B, one thread: 0.73 -> 0.58 ms
+// (0.92 -> 0.71 with caches flushed before each call). A larger one is walked in token order with
+// streaming stores, each token row read once: in out's order it measured slower (rows of 2 KiB: 1.5
+// -> 2.3 ms). Rows no (token, slot) writes are zero.
+inline void permute_rows(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k, int64_t R,
                          int64_t row_bytes, char* out) {
-  const bool stream = use_streaming(T * k * row_bytes);
+  const bool stream = use_streaming(R * row_bytes);
+  std::vector<int64_t> src(static_cast<size_t>(R), -1);  // src[r]: the token row r copies
+  for (int64_t i = 0; i < T * k; ++i)
+    if (dest[i] >= 0) src[dest[i]] = i / std::max<int64_t>(k, 1);
+  if (!stream) {
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (src[r] < 0) std::memset(out + r * row_bytes, 0, static_cast<size_t>(row_bytes));
+        else std::memcpy(out + r * row_bytes, x + src[r] * x_stride_bytes, static_cast<size_t>(row_bytes));
+      }
+    });
+    return;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    if (src[r] < 0) std::memset(out + r * row_bytes, 0, static_cast<size_t>(row_bytes));
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes * std::max<int64_t>(k, 1)));
   at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
@@ -447,9 +467,9 @@ void unpermute_bwd(at::ScalarType dtype, const void* g, int64_t g_stride, const 
   });
 }
 
-void permute(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k, int64_t row_bytes,
-             char* out) {
-  permute_rows(x, x_stride_bytes, dest, T, k, row_bytes, out);
+void permute(const char* x, int64_t x_stride_bytes, const int64_t* dest, int64_t T, int64_t k, int64_t R,
+             int64_t row_bytes, char* out) {
+  permute_rows(x, x_stride_bytes, dest, T, k, R, row_bytes, out);
 }
 
 }  // namespace MOE_CPU_ISA

@@ -358,6 +358,23 @@ def test_unpermute_backward_rows_no_slot_reads(dtype, row_bytes):
     assert torch.equal(gy[:index.num_rows], base_gy) and torch.equal(gw, base_gw)
 
 
+@needs_ext
+@cpu_only
+@pytest.mark.parametrize("row_bytes", [512, 4096])  # 4096: an output over 16 MiB, the streaming path
+def test_permute_rows_no_slot_writes_are_zero(row_bytes):
+    """permute's output may have more rows than (token, slot) pairs write: those rows are zero, the others
+    are their token's row, in both walks of moe/csrc/dispatch_cpu_kernels.h `permute_rows`."""
+    index = _index("skewed_cap_priority", EXT)
+    T, d = index.dest_rows.shape[0], row_bytes // 4
+    extra = 4200 - index.num_rows if row_bytes == 4096 else 5
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(3))
+    dirty = torch.full((index.num_rows + extra, d), 3.0)  # freed memory the allocator may hand out
+    del dirty
+    out = torch.ops.moe.permute(x, index.dest_rows, index.num_rows + extra)
+    assert torch.equal(out[:index.num_rows], x.index_select(0, index.source_tokens))
+    assert torch.equal(out[index.num_rows:], torch.zeros(extra, d))
+
+
 # ------------------------------------------------------------------ property tests (hypothesis)
 
 @st.composite
