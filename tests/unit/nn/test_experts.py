@@ -147,6 +147,16 @@ def _fwd_bwd(fn, x, w13, w2, seed=1):
     return [out, *(torch.zeros_like(t) if gr is None else gr for t, gr in zip((x, w13, w2), grads))]
 
 
+def _compiled_fwd_bwd(counts_t, x, w13, w2, threads):
+    """The compiled op's output and three gradients, computed on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
@@ -186,12 +196,7 @@ def test_grouped_swiglu_matches_reference_for_any_counts(counts, d, h, dtype, th
         assume(d >= 8 and h >= 8 and sum(counts) >= 8)
     x, w13, w2 = _weights(counts, d, h, dtype, seed=len(counts) + d + h)
     counts_t = torch.tensor(counts)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    finally:
-        torch.set_num_threads(previous)
+    got = _compiled_fwd_bwd(counts_t, x, w13, w2, threads)
     want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t), x, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
@@ -284,12 +289,7 @@ def test_grouped_swiglu_backward_both_thread_splits(case, threads):
     x, w13, w2 = _weights(counts, 64, 96, torch.float64)
     assert 6 * sum(counts) * 64 * 96 >= threads * (1 << 21)  # enough work for every thread (kMinFlopsPerThread)
     counts_t = torch.tensor(counts)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
-    finally:
-        torch.set_num_threads(previous)
+    got = _compiled_fwd_bwd(counts_t, x, w13, w2, threads)
     want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t), x, w13, w2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
