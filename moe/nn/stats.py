@@ -79,7 +79,7 @@ class RouterStats:
             dropped = (used & ~kept).sum().double()
             dropped_tokens = (~(kept & used).any(dim=1)).sum().double()
         logits = decision.logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
+        lse = decision.logsumexp if decision.logsumexp is not None else torch.logsumexp(logits, dim=-1)
         if decision.softmax_scores:
             # H(p) = lse(l) - sum_e p_e l_e for p = softmax(l): a product and a sum over the [T, E]
             # scores instead of a log of each (torch.special.entr: ~5x the time on CPU)

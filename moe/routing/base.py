@@ -53,6 +53,9 @@ class RoutingDecision:
     softmax_scores: bool = False
     """True when `scores` is exactly softmax(logits) over the experts (score_func=softmax): the
     statistics then take the routing entropy from the logits (moe/nn/stats.py)."""
+    logsumexp: Optional[torch.Tensor] = None
+    """[T] fp32 logsumexp of the logits over the experts, detached, when the z-loss computed it (the
+    statistics reuse it instead of a second pass over the [T, E] logits)."""
     expert_choice: bool = False
     """True when every token lists every expert and the capacity does the selection (expert choice):
     the load is then what the routing index keeps, not what the router listed."""
@@ -196,7 +199,9 @@ class Router(nn.Module):
                 out["global_aux_loss"] = c.global_aux_loss_coef * L.global_load_balancing_loss(
                     probs, self.global_load, E)
         if c.z_loss_coef > 0:
-            out["z_loss"] = c.z_loss_coef * L.z_loss(d.logits)
+            lse = torch.logsumexp(d.logits, dim=-1)
+            d.logsumexp = lse.detach()  # the statistics need it too (moe/nn/stats.py)
+            out["z_loss"] = c.z_loss_coef * L.z_loss_of_logsumexp(lse)
         return out
 
     @torch.no_grad()

@@ -67,4 +67,9 @@ def global_load_balancing_loss(probs: torch.Tensor, load_fraction: torch.Tensor,
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps logits small."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    return z_loss_of_logsumexp(torch.logsumexp(logits, dim=-1))
+
+
+def z_loss_of_logsumexp(lse: torch.Tensor) -> torch.Tensor:
+    """The z-loss from the logits' logsumexp over the experts [T] (when the caller keeps it for more)."""
+    return lse.square().mean()

@@ -72,8 +72,23 @@ def test_routing_entropy_against_entr(scale, score_func):
     decision = _routed(f"model.moe.score_func={score_func}", T=512)
     assert decision.softmax_scores == (score_func == "softmax")
     decision.logits = decision.logits * scale
+    decision.logsumexp = None  # the z-loss's, of the logits before scaling
     decision.scores = decision.logits.softmax(-1) if score_func == "softmax" else decision.logits.sigmoid()
     stats = RouterStats(4)
     stats.update(decision, ops.build_routing_index(decision.expert_indices, 4, None, None), 512, dropless=True)
     p = decision.scores.double() / decision.scores.double().sum(-1, keepdim=True)
     torch.testing.assert_close(stats.entropy_sum, torch.special.entr(p).sum(), rtol=1e-5, atol=1e-3)
+
+
+def test_statistics_reuse_the_z_loss_logsumexp():
+    """With the z-loss on, the router hands its logsumexp to the statistics (no second pass over the
+    logits): the logged entropy and lse^2 equal those computed from the logits."""
+    decision = _routed("model.moe.z_loss_coef=0.001", T=512)
+    assert decision.logsumexp is not None and not decision.logsumexp.requires_grad
+    index = ops.build_routing_index(decision.expert_indices, 4, None, None)
+    reused = RouterStats(4)
+    reused.update(decision, index, 512, dropless=True)
+    decision.logsumexp = None
+    computed = RouterStats(4)
+    computed.update(decision, index, 512, dropless=True)
+    assert torch.equal(reused.packed, computed.packed)
