@@ -41,6 +41,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
 
+// The same with the permute folded in: x [T, d] token rows, rows [N] the token of each expert-sorted row;
+// the outputs are those of grouped_swiglu_cpu on x[rows], and grad_x [T, d] sums each token's rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_gather_cpu(const at::Tensor& x, const at::Tensor& rows,
+                                                                         const at::Tensor& w13, const at::Tensor& w2,
+                                                                         const at::Tensor& counts);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_gather_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& w13,
+    const at::Tensor& w2, const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
+
 // ---- routers' top-k selection (router_cpu.cpp; reference: torch.topk)
 
 // scores [T, E] floating -> [T, k] int64: the k largest per row, descending, ties in index order, NaN first.

@@ -24,9 +24,12 @@
 #include "dispatch.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
@@ -292,6 +295,160 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
     }
   });
   return {grad_x, grad_w13, grad_w2};
+}
+
+
+// ---- the same with the permute folded in: x [T, d] token rows, rows [N] the token of each
+// expert-sorted row (moe.ops RoutingIndex.source_tokens). The forward gathers each piece's token rows
+// into a small per-thread buffer (x stays in cache) instead of reading a materialised [N, d] permuted
+// copy; the backward sums each row's input gradient straight into its token's grad_x row (fp32
+// per-thread accumulators, added up at the end), instead of writing [N, d] for a gather-sum. A few
+// uneven experts (the row split) take the permuted copy and a scatter-add. The whole MoE layer,
+// against permute + grouped_swiglu + the permute's backward, both taking turns in one process:
+// 64 experts of 64, d=128, T=2048, one thread 52.0 -> 49.1 ms; at d=512 with 2 threads level (0.99x
+// at 128 experts of 128, 1.01x at 64 of 256). It also saves the permuted copy's activations.
+
+namespace {
+
+std::vector<int64_t> checked_rows(const Tensor& rows, int64_t T, const char* op) {
+  TORCH_CHECK(rows.dim() == 1 && !at::isFloatingType(rows.scalar_type()) && rows.scalar_type() != at::kBool, op,
+              ": rows must be a 1-d integer tensor, got ", rows.sizes(), " ", rows.scalar_type());
+  const Tensor r = rows.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* rp = r.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(rp, rp + r.numel());
+  bool ok = true;
+  for (const int64_t v : out) ok &= (v >= 0) & (v < T);
+  TORCH_CHECK(ok, op, ": rows holds a token outside [0, ", T, ")");
+  return out;
+}
+
+// dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
+void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
+  for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_cpu(const Tensor& x_in, const Tensor& rows_in,
+                                                             const Tensor& w13_in, const Tensor& w2_in,
+                                                             const Tensor& counts) {
+  TORCH_CHECK(x_in.dim() == 2, "grouped_swiglu_gather: x must be [T, d], got ", x_in.sizes());
+  const std::vector<int64_t> rows = checked_rows(rows_in, x_in.size(0), "grouped_swiglu_gather");
+  const int64_t N = static_cast<int64_t>(rows.size());
+  // shapes checked as for the permuted rows: an [N, d] view of the same width
+  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts,
+                                "grouped_swiglu_gather");
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu_gather");
+  const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
+  const auto opts = x.options();
+  Tensor out = at::empty({s.N, s.d}, opts), h13 = at::empty({s.N, 2 * s.h}, opts), act = at::empty({s.N, s.h}, opts);
+  if (s.N == 0) return {out, h13, act};
+  if (s.d == 0 || s.h == 0) {
+    out.zero_();
+    h13.zero_();
+    act.zero_();
+    return {out, h13, act};
+  }
+  const CpuRowKernels& k = cpu_row_kernels();
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  char* h13p = static_cast<char*>(h13.mutable_data_ptr());
+  char* actp = static_cast<char*>(act.mutable_data_ptr());
+  int64_t max_piece = 0;
+  for (int64_t e = 0; e < s.E; ++e) max_piece = std::max(max_piece, offs[e + 1] - offs[e]);
+  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
+    const Tensor buf = scratch({{std::min(max_piece, s.N / parts + 1), s.d}}, opts)[0];
+    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
+      const int64_t m = hi - lo;
+      Tensor xg = buf.narrow(0, 0, m);
+      gather_rows(xp, rows.data() + lo, m, s.d * es, static_cast<char*>(xg.mutable_data_ptr()));
+      Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
+      at::mm_out(h13_rows, xg, w13.select(0, e).t());
+      k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
+      Tensor out_rows = out.narrow(0, lo, m);
+      at::mm_out(out_rows, act_rows, w2.select(0, e).t());
+    });
+  });
+  return {out, h13, act};
+}
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
+                                                                      const Tensor& rows_in, const Tensor& w13_in,
+                                                                      const Tensor& w2_in, const Tensor& counts,
+                                                                      const Tensor& h13_in, const Tensor& act_in) {
+  TORCH_CHECK(x_in.dim() == 2, "grouped_swiglu_gather_backward: x must be [T, d], got ", x_in.sizes());
+  const int64_t T = x_in.size(0);
+  const std::vector<int64_t> rows = checked_rows(rows_in, T, "grouped_swiglu_gather_backward");
+  const int64_t N = static_cast<int64_t>(rows.size());
+  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts,
+                                "grouped_swiglu_gather_backward");
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu_gather_backward");
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == s.N && grad_out_in.size(1) == s.d && h13_in.dim() == 2 &&
+                  h13_in.size(0) == s.N && h13_in.size(1) == 2 * s.h && act_in.dim() == 2 && act_in.size(0) == s.N &&
+                  act_in.size(1) == s.h,
+              "grouped_swiglu_gather_backward: grad_out must be [N, d], h13 [N, 2h] and act [N, h]");
+  const at::ScalarType dtype = x_in.scalar_type();
+  const Tensor x = x_in.contiguous();
+  const auto opts = x.options();
+  const at::ScalarType acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> owners =
+      s.N > 0 && s.d > 0 && s.h > 0 ? expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E)) : std::vector<int64_t>{};
+  if (owners.empty()) {
+    // a few uneven experts (or nothing to compute): the permuted copy, the row-split backward, a scatter-add
+    const Tensor rows_t = at::from_blob(const_cast<int64_t*>(rows.data()), {N}, at::TensorOptions().dtype(at::kLong));
+    auto [gxp, gw13, gw2] = grouped_swiglu_backward_cpu(grad_out_in, x.index_select(0, rows_t), w13_in, w2_in, counts,
+                                                        h13_in, act_in);
+    Tensor grad_x = at::zeros({T, s.d}, opts.dtype(acc_dtype)).index_add_(0, rows_t, gxp.to(acc_dtype));
+    return {grad_x.to(dtype), gw13, gw2};
+  }
+  const Tensor w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
+  const Tensor go = grad_out_in.to(dtype).contiguous(), h13 = h13_in.to(dtype).contiguous(),
+               act = act_in.to(dtype).contiguous();
+  Tensor grad_w13 = at::empty(w13.sizes(), opts), grad_w2 = at::empty(w2.sizes(), opts);
+  const CpuRowKernels& k = cpu_row_kernels();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
+  Tensor acc = at::zeros({parts, T, s.d}, opts.dtype(acc_dtype));  // one grad_x accumulator per thread
+  run_parts(parts, [&](int64_t p, int64_t) {
+    int64_t max_rows = 0;
+    for (int64_t e = owners[p]; e < owners[p + 1]; ++e) max_rows = std::max(max_rows, offs[e + 1] - offs[e]);
+    const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}, {max_rows, s.d}, {max_rows, s.d}}, opts);
+    const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
+    char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
+    Tensor acc_p = acc.select(0, p);
+    for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
+      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
+      Tensor gw13 = grad_w13.select(0, e), gw2 = grad_w2.select(0, e);
+      if (c == 0) {
+        gw13.zero_();
+        gw2.zero_();
+        continue;
+      }
+      Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c), xg = buf[2].narrow(0, 0, c),
+             gx = buf[3].narrow(0, 0, c);
+      const Tensor go_e = go.narrow(0, lo, c);
+      gather_rows(xp, rows.data() + lo, c, s.d * es, static_cast<char*>(xg.mutable_data_ptr()));
+      at::mm_out(ga, go_e, w2.select(0, e));
+      k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
+      at::mm_out(gx, gh, w13.select(0, e));
+      at::mm_out(gw13, gh.t(), xg);
+      at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_grouped_swiglu_gather_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* g = gx.const_data_ptr<scalar_t>();
+        acc_t* a = acc_p.mutable_data_ptr<acc_t>();
+        for (int64_t r = 0; r < c; ++r) {
+          acc_t* dst = a + rows[lo + r] * s.d;
+          const scalar_t* src = g + r * s.d;
+          for (int64_t q = 0; q < s.d; ++q) dst[q] += static_cast<acc_t>(src[q]);
+        }
+      });
+    }
+  });
+  return {(parts == 1 ? acc.select(0, 0) : acc.sum(0)).to(dtype), grad_w13, grad_w2};
 }
 
 }  // namespace moe

@@ -13,6 +13,8 @@
 //   grouped_swiglu(x [N,d], w13 [E,2h,d], w2 [E,d,h], counts [E]) -> (out [N,d], h13 [N,2h], act [N,h])
 //   grouped_swiglu_backward(grad_out, x, w13, w2, counts, h13, act) -> (grad_x, grad_w13, grad_w2)
 //       (CPU only: on CUDA the experts run torch._grouped_mm or the per-expert loop)
+//   grouped_swiglu_gather(x [T,d], rows [N], w13, w2, counts) -> (out [N,d], h13, act): the same on x[rows],
+//       without materialising x[rows]; its backward's grad_x is [T,d] (each token's rows summed)
 //   topk_indices(scores [T,E], k) -> [T,k] int64: the routers' top-k (CPU only; elsewhere torch.topk)
 #include <Python.h>
 
@@ -33,6 +35,12 @@ TORCH_LIBRARY_FRAGMENT(moe, m) {
   m.def(
       "grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor w13, Tensor w2, Tensor counts, Tensor h13, "
       "Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
+  m.def(
+      "grouped_swiglu_gather(Tensor x, Tensor rows, Tensor w13, Tensor w2, Tensor counts) "
+      "-> (Tensor out, Tensor h13, Tensor act)");
+  m.def(
+      "grouped_swiglu_gather_backward(Tensor grad_out, Tensor x, Tensor rows, Tensor w13, Tensor w2, Tensor counts, "
+      "Tensor h13, Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
 }
 
@@ -43,6 +51,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
   m.impl("grouped_swiglu", &moe::grouped_swiglu_cpu);
   m.impl("grouped_swiglu_backward", &moe::grouped_swiglu_backward_cpu);
+  m.impl("grouped_swiglu_gather", &moe::grouped_swiglu_gather_cpu);
+  m.impl("grouped_swiglu_gather_backward", &moe::grouped_swiglu_gather_backward_cpu);
   m.impl("topk_indices", &moe::topk_indices_cpu);
 }
 

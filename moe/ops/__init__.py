@@ -37,7 +37,8 @@ from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expe
 
 __all__ = [
     "RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend", "expert_capacity",
-    "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_supported",
+    "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_gather",
+    "grouped_swiglu_supported",
     "permute", "permute_reference", "topk_indices", "unpermute", "unpermute_reference",
 ]
 
@@ -134,6 +135,16 @@ def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts:
     `grouped_swiglu_supported` first. counts stays a tensor: no host list is built."""
     _load_extension()
     return torch.ops.moe.grouped_swiglu(x, w13, w2, counts)[0]
+
+
+def grouped_swiglu_gather(x: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          counts: torch.Tensor) -> torch.Tensor:
+    """`grouped_swiglu(x[rows], w13, w2, counts)` without materialising x[rows]: x [T, d] token rows,
+    rows [N] the token of each expert-sorted row (RoutingIndex.source_tokens). Its backward returns
+    grad_x [T, d] directly (each token's rows summed), so the permute and its backward's gather-sum
+    are folded into the expert op. CPU, extension only (check `grouped_swiglu_supported`)."""
+    _load_extension()
+    return torch.ops.moe.grouped_swiglu_gather(x, rows, w13, w2, counts)[0]
 
 
 def topk_indices(scores: torch.Tensor, k: int, backend: str = "reference") -> torch.Tensor:

@@ -155,7 +155,7 @@ def _register_dispatch_kernels(lib) -> None:
 
 
 def _register_expert_kernels(lib) -> None:
-    """grouped_swiglu, grouped_swiglu_backward: fake kernels; grouped_swiglu autograd. topk_indices
+    """grouped_swiglu(_gather), grouped_swiglu(_gather)_backward: fake kernels and autograd. topk_indices
     (the routers' selection): its fake kernel; its output is indices, with no autograd."""
 
     @lib.register_fake("moe::topk_indices")
@@ -189,3 +189,32 @@ def _register_expert_kernels(lib) -> None:
         return grad_x, grad_w13, grad_w2, None
 
     lib.register_autograd("moe::grouped_swiglu", _grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
+
+    @lib.register_fake("moe::grouped_swiglu_gather")
+    def _grouped_swiglu_gather_fake(x, rows, w13, w2, counts):
+        N, h = rows.shape[0], w2.shape[2]
+        return x.new_empty(N, w2.shape[1]), x.new_empty(N, 2 * h), x.new_empty(N, h)
+
+    @lib.register_fake("moe::grouped_swiglu_gather_backward")
+    def _grouped_swiglu_gather_backward_fake(grad_out, x, rows, w13, w2, counts, h13, act):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(w13, memory_format=torch.contiguous_format),
+                torch.empty_like(w2, memory_format=torch.contiguous_format))
+
+    def _grouped_swiglu_gather_setup(ctx, inputs, output):
+        x, rows, w13, w2, counts = inputs
+        _, h13, act = output
+        ctx.mark_non_differentiable(h13, act)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, rows, w13, w2, counts, h13, act)
+
+    def _grouped_swiglu_gather_backward(ctx, grad_out, _grad_h13, _grad_act):
+        x, rows, w13, w2, counts, h13, act = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None
+        grad_x, grad_w13, grad_w2 = torch.ops.moe.grouped_swiglu_gather_backward(grad_out, x, rows, w13, w2, counts,
+                                                                                 h13, act)
+        return grad_x, None, grad_w13, grad_w2, None
+
+    lib.register_autograd("moe::grouped_swiglu_gather", _grouped_swiglu_gather_backward,
+                          setup_context=_grouped_swiglu_gather_setup)

@@ -352,3 +352,113 @@ def test_experts_module_picks_backend():
         got = ext(x, counts)
         assert "GroupedSwiGLU" not in type(got.grad_fn).__name__
         torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------- the compiled op with the permute folded in (grouped_swiglu_gather)
+
+GATHER_CASES = {
+    "many small experts": [(7 * e) % 23 if e % 9 else 0 for e in range(96)],  # whole experts per thread
+    "few uneven experts": [300, 1, 0, 211, 64],  # the row split: permuted copy and a scatter-add
+    "all rows on one expert": [0, 500, 0],
+    "no rows": [0, 0, 0],
+}
+
+
+def _gather_inputs(counts, T, d, h, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w13, w2 = _weights(counts, d, h, dtype, seed=seed)
+    tokens = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    rows = torch.randint(0, T, (sum(counts),), generator=g)  # any token, any number of times (k = E included)
+    return tokens, rows, w13, w2
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GATHER_CASES)
+def test_grouped_swiglu_gather_equals_the_permuted_op(case, dtype, threads):
+    """grouped_swiglu_gather(x, rows) against grouped_swiglu(x[rows]) (whose x gradient index_select sums
+    per token), forward and all three gradients, in both thread splits; against the fp64 reference loop
+    too (bf16: the error norm at most twice the permuted op's, plus one rounding)."""
+    counts = GATHER_CASES[case]
+    tokens, rows, w13, w2 = _gather_inputs(counts, 256, 64, 48, dtype)
+    counts_t = torch.tensor(counts)
+
+    def run(fn):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return _fwd_bwd(fn, tokens, w13, w2)
+        finally:
+            torch.set_num_threads(previous)
+
+    got = run(lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t))
+    want = run(lambda a, b, c: ops.grouped_swiglu(a.index_select(0, rows), b, c, counts_t))
+    if dtype != torch.bfloat16:
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, **(TOL[dtype] or dict(rtol=1e-12, atol=1e-12)))
+        exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a.index_select(0, rows), b, c, counts_t),
+                         tokens, w13, w2)
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+        return
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a.index_select(0, rows), b, c, counts_t),
+                     *[t.detach().double().requires_grad_() for t in (tokens, w13, w2)])
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, b, c in zip(got, want, exact):
+        assert a.dtype == dtype
+        if c.numel():
+            ours, ref = (a.double() - c).norm().item(), (b.double() - c).norm().item()
+            assert ours <= 2 * ref + eps * c.norm().item(), (ours, ref)
+
+
+@needs_ext
+def test_grouped_swiglu_gather_gradcheck_opcheck_and_compile():
+    counts = [2, 0, 3]
+    tokens, rows, w13, w2 = _gather_inputs(counts, 4, 4, 3, torch.float64)
+    counts_t = torch.tensor(counts)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t),
+                                    (tokens, w13, w2))
+    t32, r32, w13_32, w2_32 = _gather_inputs([3, 0, 4], 5, 6, 5, torch.float32)
+    c32 = torch.tensor([3, 0, 4])
+    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu_gather.default, (t32, r32, w13_32, w2_32, c32))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    out, h13, act = torch.ops.moe.grouped_swiglu_gather(t32.detach(), r32, w13_32.detach(), w2_32.detach(), c32)
+    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu_gather_backward.default,
+                                   (torch.randn_like(out), t32.detach(), r32, w13_32.detach(), w2_32.detach(), c32,
+                                    h13, act))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    torch._dynamo.reset()
+    fn = lambda a, b, c: ops.grouped_swiglu_gather(a, r32, b, c, c32)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(_fwd_bwd(compiled, t32, w13_32, w2_32), _fwd_bwd(fn, t32, w13_32, w2_32)):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ext
+def test_grouped_swiglu_gather_rejects_bad_rows():
+    tokens, rows, w13, w2 = _gather_inputs([3, 2], 4, 4, 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"rows holds a token outside \[0, 4\)"):
+        ops.grouped_swiglu_gather(tokens, torch.tensor([0, 1, 2, 3, 4]), w13, w2, torch.tensor([3, 2]))
+    with pytest.raises(RuntimeError, match="counts sum to 4 but x has 5 rows"):
+        ops.grouped_swiglu_gather(tokens, rows, w13, w2, torch.tensor([2, 2]))
+
+
+@needs_ext
+def test_experts_gather_only_where_forward_would_run_the_compiled_op():
+    """Experts.forward_gathered equals forward on the permuted rows with the extension on CPU, and
+    declines (None: the layer permutes) with the reference backend, under autocast, or while hooks wrap
+    forward (the expert-parallel exchange)."""
+    torch.manual_seed(0)
+    tokens, rows, counts = torch.randn(40, 16), torch.randint(0, 40, (60,)), torch.tensor([20, 0, 25, 15])
+    ext = Experts(4, 16, 8, 0.02, 0.02, impl="auto", backend="extension")
+    torch.testing.assert_close(ext.forward_gathered(tokens, rows, counts), ext(tokens[rows], counts))
+    ref = Experts(4, 16, 8, 0.02, 0.02, impl="auto", backend="reference")
+    assert ref.forward_gathered(tokens, rows, counts) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ext.forward_gathered(tokens, rows, counts) is None
+    handle = ext.register_forward_pre_hook(lambda module, args: None)
+    assert ext.forward_gathered(tokens, rows, counts) is None
+    handle.remove()
+    assert ext.forward_gathered(tokens, rows, counts) is not None

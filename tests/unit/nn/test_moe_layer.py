@@ -153,3 +153,19 @@ def test_routed_scaling_factor_scales_the_routed_experts_only():
     x = torch.randn(2, 8, 16)
     shared = plain.shared_experts(x.reshape(-1, 16)).view_as(x)
     torch.testing.assert_close(scaled(x) - shared, 2.5 * (plain(x) - shared))
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="moe._C is not built")
+@pytest.mark.parametrize("overrides,gathers", [((), True), (("model.moe.capacity_factor=1.0", "model.moe.min_capacity=1"), True),
+                                               (("model.moe.random_routing=true",), False)],
+                         ids=["dropless", "capacity", "slot_mask"])
+def test_extension_layer_folds_the_permute_into_the_experts(overrides, gathers, monkeypatch):
+    """With the extension on CPU the experts gather their rows themselves (no permute op, no [N, d]
+    copy), dropless or under a capacity; with unused slots (a virtual expert's rows) the layer permutes.
+    test_extension_layer_matches_reference checks the numbers of both paths against the reference."""
+    layer = MoELayer(16, 32, moe_cfg("model.moe.dispatch=extension", *overrides), 0.02, 0.02).train()
+    permuted = []
+    real_permute = ops.permute
+    monkeypatch.setattr(ops, "permute", lambda *a, **k: permuted.append(1) or real_permute(*a, **k))
+    layer(torch.randn(2, 40, 16)).sum().backward()
+    assert bool(permuted) != gathers
