@@ -163,12 +163,35 @@ std::vector<int64_t> expert_ranges(const std::vector<int64_t>& offs, int64_t par
   return b;
 }
 
-}  // namespace
+// The most rows of one expert among experts [e0, e1).
+int64_t max_segment(const std::vector<int64_t>& offs, int64_t e0, int64_t e1) {
+  int64_t m = 0;
+  for (int64_t e = e0; e < e1; ++e) m = std::max(m, offs[e + 1] - offs[e]);
+  return m;
+}
 
-std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const Tensor& w13_in, const Tensor& w2_in,
-                                                      const Tensor& counts) {
-  const Shapes s = check_shapes(x_in, w13_in, w2_in, counts, "grouped_swiglu");
-  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu");
+std::vector<int64_t> checked_rows(const Tensor& rows, int64_t T, const char* op) {
+  TORCH_CHECK(rows.dim() == 1 && !at::isFloatingType(rows.scalar_type()) && rows.scalar_type() != at::kBool, op,
+              ": rows must be a 1-d integer tensor, got ", rows.sizes(), " ", rows.scalar_type());
+  const Tensor r = rows.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* rp = r.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(rp, rp + r.numel());
+  bool ok = true;
+  for (const int64_t v : out) ok &= (v >= 0) & (v < T);
+  TORCH_CHECK(ok, op, ": rows holds a token outside [0, ", T, ")");
+  return out;
+}
+
+// dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
+void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
+  for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
+}
+
+// The forward over expert-sorted rows: x's rows themselves (rows == nullptr, x [N, d]), or x's rows
+// rows[0..N) gathered piece by piece into a per-thread buffer (x [T, d]).
+std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const int64_t* rows, const Shapes& s,
+                                                const std::vector<int64_t>& offs, const Tensor& w13_in,
+                                                const Tensor& w2_in) {
   const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
   const auto opts = x.options();
   // (plain at::empty: the transparent-huge-page hint of the dispatch ops' outputs made these timings
@@ -184,19 +207,32 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const 
   const CpuRowKernels& k = cpu_row_kernels();
   const at::ScalarType dtype = x.scalar_type();
   const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
   char* h13p = static_cast<char*>(h13.mutable_data_ptr());
   char* actp = static_cast<char*>(act.mutable_data_ptr());
+  const int64_t max_piece = max_segment(offs, 0, static_cast<int64_t>(offs.size()) - 1);
   run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
+    const Tensor buf = rows ? scratch({{std::min(max_piece, s.N / parts + 1), s.d}}, opts)[0] : Tensor();
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
+      Tensor x_rows = rows ? buf.narrow(0, 0, m) : x.narrow(0, lo, m);
+      if (rows) gather_rows(xp, rows + lo, m, s.d * es, static_cast<char*>(x_rows.mutable_data_ptr()));
       Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
-      at::mm_out(h13_rows, x.narrow(0, lo, m), w13.select(0, e).t());
+      at::mm_out(h13_rows, x_rows, w13.select(0, e).t());
       k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
       Tensor out_rows = out.narrow(0, lo, m);
       at::mm_out(out_rows, act_rows, w2.select(0, e).t());
     });
   });
   return {out, h13, act};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const Tensor& w13_in, const Tensor& w2_in,
+                                                      const Tensor& counts) {
+  const Shapes s = check_shapes(x_in, w13_in, w2_in, counts, "grouped_swiglu");
+  return forward_rows(x_in, nullptr, s, segment_offsets(counts, s.N, "grouped_swiglu"), w13_in, w2_in);
 }
 
 std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
@@ -231,8 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
   if (!owners.empty()) {
     const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
     run_parts(parts, [&](int64_t p, int64_t) {
-      int64_t max_rows = 0;
-      for (int64_t e = owners[p]; e < owners[p + 1]; ++e) max_rows = std::max(max_rows, offs[e + 1] - offs[e]);
+      const int64_t max_rows = max_segment(offs, owners[p], owners[p + 1]);
       const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}}, opts);
       const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
       char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
@@ -297,7 +332,6 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
   return {grad_x, grad_w13, grad_w2};
 }
 
-
 // ---- the same with the permute folded in: x [T, d] token rows, rows [N] the token of each
 // expert-sorted row (moe.ops RoutingIndex.source_tokens). The forward gathers each piece's token rows
 // into a small per-thread buffer (x stays in cache) instead of reading a materialised [N, d] permuted
@@ -308,27 +342,6 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
 // 64 experts of 64, d=128, T=2048, one thread 52.0 -> 49.1 ms; at d=512 with 2 threads level (0.99x
 // at 128 experts of 128, 1.01x at 64 of 256). It also saves the permuted copy's activations.
 
-namespace {
-
-std::vector<int64_t> checked_rows(const Tensor& rows, int64_t T, const char* op) {
-  TORCH_CHECK(rows.dim() == 1 && !at::isFloatingType(rows.scalar_type()) && rows.scalar_type() != at::kBool, op,
-              ": rows must be a 1-d integer tensor, got ", rows.sizes(), " ", rows.scalar_type());
-  const Tensor r = rows.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* rp = r.const_data_ptr<int64_t>();
-  std::vector<int64_t> out(rp, rp + r.numel());
-  bool ok = true;
-  for (const int64_t v : out) ok &= (v >= 0) & (v < T);
-  TORCH_CHECK(ok, op, ": rows holds a token outside [0, ", T, ")");
-  return out;
-}
-
-// dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
-void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
-  for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
-}
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_cpu(const Tensor& x_in, const Tensor& rows_in,
                                                              const Tensor& w13_in, const Tensor& w2_in,
                                                              const Tensor& counts) {
@@ -338,39 +351,7 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_cpu(const Tensor& x_in,
   // shapes checked as for the permuted rows: an [N, d] view of the same width
   const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts,
                                 "grouped_swiglu_gather");
-  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu_gather");
-  const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
-  const auto opts = x.options();
-  Tensor out = at::empty({s.N, s.d}, opts), h13 = at::empty({s.N, 2 * s.h}, opts), act = at::empty({s.N, s.h}, opts);
-  if (s.N == 0) return {out, h13, act};
-  if (s.d == 0 || s.h == 0) {
-    out.zero_();
-    h13.zero_();
-    act.zero_();
-    return {out, h13, act};
-  }
-  const CpuRowKernels& k = cpu_row_kernels();
-  const at::ScalarType dtype = x.scalar_type();
-  const int64_t es = static_cast<int64_t>(x.element_size());
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  char* h13p = static_cast<char*>(h13.mutable_data_ptr());
-  char* actp = static_cast<char*>(act.mutable_data_ptr());
-  int64_t max_piece = 0;
-  for (int64_t e = 0; e < s.E; ++e) max_piece = std::max(max_piece, offs[e + 1] - offs[e]);
-  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
-    const Tensor buf = scratch({{std::min(max_piece, s.N / parts + 1), s.d}}, opts)[0];
-    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
-      const int64_t m = hi - lo;
-      Tensor xg = buf.narrow(0, 0, m);
-      gather_rows(xp, rows.data() + lo, m, s.d * es, static_cast<char*>(xg.mutable_data_ptr()));
-      Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
-      at::mm_out(h13_rows, xg, w13.select(0, e).t());
-      k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
-      Tensor out_rows = out.narrow(0, lo, m);
-      at::mm_out(out_rows, act_rows, w2.select(0, e).t());
-    });
-  });
-  return {out, h13, act};
+  return forward_rows(x_in, rows.data(), s, segment_offsets(counts, s.N, "grouped_swiglu_gather"), w13_in, w2_in);
 }
 
 std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
@@ -413,8 +394,7 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_backward_cpu(const Tens
   const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
   Tensor acc = at::zeros({parts, T, s.d}, opts.dtype(acc_dtype));  // one grad_x accumulator per thread
   run_parts(parts, [&](int64_t p, int64_t) {
-    int64_t max_rows = 0;
-    for (int64_t e = owners[p]; e < owners[p + 1]; ++e) max_rows = std::max(max_rows, offs[e + 1] - offs[e]);
+    const int64_t max_rows = max_segment(offs, owners[p], owners[p + 1]);
     const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}, {max_rows, s.d}, {max_rows, s.d}}, opts);
     const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
     char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());

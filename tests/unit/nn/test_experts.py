@@ -147,14 +147,30 @@ def _fwd_bwd(fn, x, w13, w2, seed=1):
     return [out, *(torch.zeros_like(t) if gr is None else gr for t, gr in zip((x, w13, w2), grads))]
 
 
-def _compiled_fwd_bwd(counts_t, x, w13, w2, threads):
-    """The compiled op's output and three gradients, computed on `threads` threads."""
+def _assert_bf16_within_twice_the_reference(got, want, exact):
+    """bf16 results rounded at other places than the reference's (the SwiGLU once, in fp32): each error
+    against the fp64 `exact`, as a norm over the whole tensor (stable where single elements are not,
+    cancellations), at most twice the bf16 reference `want`'s plus one rounding."""
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, b, c in zip(got, want, exact):
+        if c.numel():
+            ours, ref = (a.double() - c).norm().item(), (b.double() - c).norm().item()
+            assert ours <= 2 * ref + eps * c.norm().item(), (ours, ref)
+
+
+def _fwd_bwd_on_threads(threads, fn, x, w13, w2):
+    """_fwd_bwd(fn, ...) computed on `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
+        return _fwd_bwd(fn, x, w13, w2)
     finally:
         torch.set_num_threads(previous)
+
+
+def _compiled_fwd_bwd(counts_t, x, w13, w2, threads):
+    """The compiled op's output and three gradients, computed on `threads` threads."""
+    return _fwd_bwd_on_threads(threads, lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
 
 
 @needs_ext
@@ -204,13 +220,7 @@ def test_grouped_swiglu_matches_reference_for_any_counts(counts, d, h, dtype, th
         return
     exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
-    # Rounded at other places than the reference (the SwiGLU once, in fp32): compare errors over
-    # whole tensors (norms), which are stable where single elements are not (cancellations)
-    eps = torch.finfo(torch.bfloat16).eps
-    for a, b, c in zip(got, want, exact):
-        if c.numel():
-            ours, ref = (a.double() - c).norm().item(), (b.double() - c).norm().item()
-            assert ours <= 2 * ref + eps * c.norm().item(), (ours, ref)
+    _assert_bf16_within_twice_the_reference(got, want, exact)
 
 
 @needs_ext
@@ -384,16 +394,10 @@ def test_grouped_swiglu_gather_equals_the_permuted_op(case, dtype, threads):
     tokens, rows, w13, w2 = _gather_inputs(counts, 256, 64, 48, dtype)
     counts_t = torch.tensor(counts)
 
-    def run(fn):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return _fwd_bwd(fn, tokens, w13, w2)
-        finally:
-            torch.set_num_threads(previous)
-
-    got = run(lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t))
-    want = run(lambda a, b, c: ops.grouped_swiglu(a.index_select(0, rows), b, c, counts_t))
+    got = _fwd_bwd_on_threads(threads, lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t),
+                              tokens, w13, w2)
+    want = _fwd_bwd_on_threads(threads, lambda a, b, c: ops.grouped_swiglu(a.index_select(0, rows), b, c, counts_t),
+                               tokens, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
             assert a.dtype == dtype and a.shape == b.shape
@@ -405,12 +409,8 @@ def test_grouped_swiglu_gather_equals_the_permuted_op(case, dtype, threads):
         return
     exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a.index_select(0, rows), b, c, counts_t),
                      *[t.detach().double().requires_grad_() for t in (tokens, w13, w2)])
-    eps = torch.finfo(torch.bfloat16).eps
-    for a, b, c in zip(got, want, exact):
-        assert a.dtype == dtype
-        if c.numel():
-            ours, ref = (a.double() - c).norm().item(), (b.double() - c).norm().item()
-            assert ours <= 2 * ref + eps * c.norm().item(), (ours, ref)
+    assert all(a.dtype == dtype for a in got)
+    _assert_bf16_within_twice_the_reference(got, want, exact)
 
 
 @needs_ext
