@@ -229,6 +229,69 @@ std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const int64_
 
 }  // namespace
 
+namespace {
+
+// acc[rows[r]] += g[r] for the c rows of g [c, d] (dtype), acc [T, d] in the accumulation type.
+void add_rows_to_tokens(const Tensor& g, const int64_t* rows, int64_t c, int64_t d, const Tensor& acc) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "moe_add_rows_to_tokens", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    acc_t* a = acc.mutable_data_ptr<acc_t>();
+    for (int64_t r = 0; r < c; ++r) {
+      acc_t* dst = a + rows[r] * d;
+      const scalar_t* src = gp + r * d;
+      for (int64_t q = 0; q < d; ++q) dst[q] += static_cast<acc_t>(src[q]);
+    }
+  });
+}
+
+// The backward with whole experts per thread (`owners` from expert_ranges): each thread runs one
+// expert's five GEMMs back to back, so its grad_out, x and grad_h13 rows are still in cache for the
+// weight gradients. rows == nullptr: x and grad_x are [N, d], grad_x written in place; else x is
+// [T, d], gathered per expert, and grad_x is [parts, T, d] in the accumulation type, thread p adding
+// each row's input gradient to its token's row of grad_x[p].
+void backward_whole_experts(const Tensor& go, const Tensor& x, const int64_t* rows, const Tensor& w13,
+                            const Tensor& w2, const Tensor& h13, const Tensor& act, const Shapes& s,
+                            const std::vector<int64_t>& offs, const std::vector<int64_t>& owners,
+                            const Tensor& grad_x, const Tensor& grad_w13, const Tensor& grad_w2) {
+  const CpuRowKernels& k = cpu_row_kernels();
+  const at::ScalarType dtype = x.scalar_type();
+  const auto opts = x.options();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  run_parts(static_cast<int64_t>(owners.size()) - 1, [&](int64_t p, int64_t) {
+    const int64_t mr = max_segment(offs, owners[p], owners[p + 1]);
+    std::vector<std::pair<int64_t, int64_t>> shapes{{mr, s.h}, {mr, 2 * s.h}};
+    if (rows) shapes.insert(shapes.end(), {{mr, s.d}, {mr, s.d}});  // gathered x rows, their grad_x rows
+    const std::vector<Tensor> buf = scratch(shapes, opts);
+    const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
+    char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
+    for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
+      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
+      Tensor gw13 = grad_w13.select(0, e), gw2 = grad_w2.select(0, e);
+      if (c == 0) {
+        gw13.zero_();
+        gw2.zero_();
+        continue;
+      }
+      Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c);
+      Tensor x_e = rows ? buf[2].narrow(0, 0, c) : x.narrow(0, lo, c);
+      Tensor gx_e = rows ? buf[3].narrow(0, 0, c) : grad_x.narrow(0, lo, c);
+      if (rows) gather_rows(xp, rows + lo, c, s.d * es, static_cast<char*>(x_e.mutable_data_ptr()));
+      const Tensor go_e = go.narrow(0, lo, c);
+      at::mm_out(ga, go_e, w2.select(0, e));
+      k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
+      at::mm_out(gx_e, gh, w13.select(0, e));
+      at::mm_out(gw13, gh.t(), x_e);
+      at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
+      if (rows) add_rows_to_tokens(gx_e, rows + lo, c, s.d, grad_x.select(0, p));
+    }
+  });
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_cpu(const Tensor& x_in, const Tensor& w13_in, const Tensor& w2_in,
                                                       const Tensor& counts) {
   const Shapes s = check_shapes(x_in, w13_in, w2_in, counts, "grouped_swiglu");
@@ -261,34 +324,10 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
   const int64_t es = static_cast<int64_t>(x.element_size());
   const char* h13p = static_cast<const char*>(h13.const_data_ptr());
 
-  // Many small experts: each thread takes whole experts and does all five GEMMs of one expert back
-  // to back, so its grad_out, x and grad_h13 rows are still in cache for the weight gradients.
+  // Many small experts: whole experts per thread (backward_whole_experts).
   const std::vector<int64_t> owners = expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E));
   if (!owners.empty()) {
-    const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
-    run_parts(parts, [&](int64_t p, int64_t) {
-      const int64_t max_rows = max_segment(offs, owners[p], owners[p + 1]);
-      const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}}, opts);
-      const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
-      char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
-      for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
-        const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
-        Tensor gw13 = grad_w13.select(0, e), gw2 = grad_w2.select(0, e);
-        if (c == 0) {
-          gw13.zero_();
-          gw2.zero_();
-          continue;
-        }
-        Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c);
-        const Tensor go_e = go.narrow(0, lo, c);
-        at::mm_out(ga, go_e, w2.select(0, e));
-        k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
-        Tensor gx_rows = grad_x.narrow(0, lo, c);
-        at::mm_out(gx_rows, gh, w13.select(0, e));
-        at::mm_out(gw13, gh.t(), x.narrow(0, lo, c));
-        at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
-      }
-    });
+    backward_whole_experts(go, x, nullptr, w13, w2, h13, act, s, offs, owners, grad_x, grad_w13, grad_w2);
     return {grad_x, grad_w13, grad_w2};
   }
 
@@ -387,47 +426,9 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_backward_cpu(const Tens
   const Tensor go = grad_out_in.to(dtype).contiguous(), h13 = h13_in.to(dtype).contiguous(),
                act = act_in.to(dtype).contiguous();
   Tensor grad_w13 = at::empty(w13.sizes(), opts), grad_w2 = at::empty(w2.sizes(), opts);
-  const CpuRowKernels& k = cpu_row_kernels();
-  const int64_t es = static_cast<int64_t>(x.element_size());
-  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
   const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
   Tensor acc = at::zeros({parts, T, s.d}, opts.dtype(acc_dtype));  // one grad_x accumulator per thread
-  run_parts(parts, [&](int64_t p, int64_t) {
-    const int64_t max_rows = max_segment(offs, owners[p], owners[p + 1]);
-    const std::vector<Tensor> buf = scratch({{max_rows, s.h}, {max_rows, 2 * s.h}, {max_rows, s.d}, {max_rows, s.d}}, opts);
-    const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
-    char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
-    Tensor acc_p = acc.select(0, p);
-    for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
-      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
-      Tensor gw13 = grad_w13.select(0, e), gw2 = grad_w2.select(0, e);
-      if (c == 0) {
-        gw13.zero_();
-        gw2.zero_();
-        continue;
-      }
-      Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c), xg = buf[2].narrow(0, 0, c),
-             gx = buf[3].narrow(0, 0, c);
-      const Tensor go_e = go.narrow(0, lo, c);
-      gather_rows(xp, rows.data() + lo, c, s.d * es, static_cast<char*>(xg.mutable_data_ptr()));
-      at::mm_out(ga, go_e, w2.select(0, e));
-      k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
-      at::mm_out(gx, gh, w13.select(0, e));
-      at::mm_out(gw13, gh.t(), xg);
-      at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_grouped_swiglu_gather_backward", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* g = gx.const_data_ptr<scalar_t>();
-        acc_t* a = acc_p.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < c; ++r) {
-          acc_t* dst = a + rows[lo + r] * s.d;
-          const scalar_t* src = g + r * s.d;
-          for (int64_t q = 0; q < s.d; ++q) dst[q] += static_cast<acc_t>(src[q]);
-        }
-      });
-    }
-  });
+  backward_whole_experts(go, x, rows.data(), w13, w2, h13, act, s, offs, owners, acc, grad_w13, grad_w2);
   return {(parts == 1 ? acc.select(0, 0) : acc.sum(0)).to(dtype), grad_w13, grad_w2};
 }
 
