@@ -41,14 +41,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
 
-// The same with the permute folded in: x [T, d] token rows, rows [N] the token of each expert-sorted row;
-// the outputs are those of grouped_swiglu_cpu on x[rows], and grad_x [T, d] sums each token's rows.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_gather_cpu(const at::Tensor& x, const at::Tensor& rows,
-                                                                         const at::Tensor& w13, const at::Tensor& w2,
-                                                                         const at::Tensor& counts);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_gather_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& w13,
-    const at::Tensor& w2, const at::Tensor& counts, const at::Tensor& h13, const at::Tensor& act);
+// permute, experts and weighted combine in one op (unpermute(grouped_swiglu(permute(x)), gate_weights)):
+// x [T, d] token rows, dest_rows and gate_weights [T, k] as unpermute takes them, counts [E] summing to
+// num_rows -> (out [T, d], h13 [N, 2h], act [N, h]); the backward -> (grad_x [T, d], grad_gate_weights
+// [T, k] in gate_weights' dtype, grad_w13, grad_w2).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_swiglu_cpu(const at::Tensor& x, const at::Tensor& dest_rows,
+                                                                 const at::Tensor& gate_weights, const at::Tensor& w13,
+                                                                 const at::Tensor& w2, const at::Tensor& counts,
+                                                                 int64_t num_rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_swiglu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dest_rows, const at::Tensor& gate_weights,
+    const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& counts, const at::Tensor& h13,
+    const at::Tensor& act);
 
 // ---- routers' top-k selection (router_cpu.cpp; reference: torch.topk)
 
@@ -70,6 +74,13 @@ struct CpuRowKernels {
                      int64_t ld_act);
   void (*swiglu_bwd)(at::ScalarType dtype, const void* grad_act, int64_t ld_ga, const void* h13, int64_t ld_h13,
                      int64_t rows, int64_t h, void* grad_h13, int64_t ld_gh13);
+  // The gates of routed rows (experts_cpu_kernels.h): acc[tokens[r]] += gate[r] * y[r] (gates nullptr: 1);
+  // grad_gates[r] = <ga[r], act[r]>, then ga[r] and go[r] scaled by gate[r]. gates, grad_gates and acc
+  // in the accumulation type (fp32; fp64 for double); rows contiguous.
+  void (*combine_rows)(at::ScalarType dtype, const void* y, const int64_t* tokens, const void* gates, int64_t m,
+                       int64_t d, void* acc);
+  void (*gate_rows)(at::ScalarType dtype, void* ga, const void* act, const void* gates, int64_t m, int64_t h,
+                    void* grad_gates, void* go, int64_t d);
   // Top-k of fp32 scores s[t * token_stride + e * expert_stride] for tokens [t0, t1) (router_cpu_kernels.h),
   // whole vectors of topk_lanes tokens only, k <= kTopkMaxK; out [T, k] int64, row t at out + t * k.
   void (*topk_vectors)(const float* s, int64_t token_stride, int64_t expert_stride, int64_t t0, int64_t t1, int64_t E,

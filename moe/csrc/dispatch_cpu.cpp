@@ -118,7 +118,7 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 namespace {
 
 const CpuRowKernels kBaseKernels{"base",         &base::gather_sum, &base::unpermute_bwd,
-                                 &base::permute, &base::swiglu_fwd, &base::swiglu_bwd,
+                                 &base::permute, &base::swiglu_fwd, &base::swiglu_bwd, &base::combine_rows, &base::gate_rows,
                                  &base::topk_vectors, base::kLanesF};
 
 bool cpu_supports_avx2() {

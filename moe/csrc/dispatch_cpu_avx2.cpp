@@ -41,7 +41,7 @@
 namespace moe {
 namespace {
 const CpuRowKernels kAvx2Kernels{"avx2",         &avx2::gather_sum, &avx2::unpermute_bwd,
-                                 &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd,
+                                 &avx2::permute, &avx2::swiglu_fwd, &avx2::swiglu_bwd, &avx2::combine_rows, &avx2::gate_rows,
                                  &avx2::topk_vectors, avx2::kLanesF};
 }
 const CpuRowKernels* avx2_row_kernels() { return &kAvx2Kernels; }

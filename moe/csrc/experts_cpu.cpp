@@ -170,39 +170,76 @@ int64_t max_segment(const std::vector<int64_t>& offs, int64_t e0, int64_t e1) {
   return m;
 }
 
-std::vector<int64_t> checked_rows(const Tensor& rows, int64_t T, const char* op) {
-  TORCH_CHECK(rows.dim() == 1 && !at::isFloatingType(rows.scalar_type()) && rows.scalar_type() != at::kBool, op,
-              ": rows must be a 1-d integer tensor, got ", rows.sizes(), " ", rows.scalar_type());
-  const Tensor r = rows.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* rp = r.const_data_ptr<int64_t>();
-  std::vector<int64_t> out(rp, rp + r.numel());
+// The routed op's rows, from the routing index: the token, the (token, slot) pair and the gate (in the
+// accumulation type) of each expert-sorted row r < N. dest_rows [T, k] must map the kept pairs one to
+// one onto rows [0, N) (-1: dropped), as moe.ops.build_routing_index does.
+struct RoutedRows {
+  std::vector<int64_t> tokens, pairs;
+  Tensor gates;  // [N], fp32 (fp64 for double x)
+};
+
+RoutedRows routed_rows(const Tensor& dest_rows, const Tensor& gate_weights, int64_t T, int64_t N,
+                       at::ScalarType acc_dtype, const char* op) {
+  const Tensor dest = checked_dest_rows(dest_rows, op);
+  TORCH_CHECK(dest.size(0) == T, op, ": dest_rows must have a row per token of x (", T, "), got ", dest.sizes());
+  TORCH_CHECK(gate_weights.sizes() == dest.sizes() && at::isFloatingType(gate_weights.scalar_type()), op,
+              ": gate_weights must be floating [T, k] = ", dest.sizes(), ", got ", gate_weights.sizes(), " ",
+              gate_weights.scalar_type());
+  const int64_t pairs = dest.numel(), k = dest.size(1);
+  const int64_t* dp = dest.const_data_ptr<int64_t>();
+  RoutedRows out{std::vector<int64_t>(N), std::vector<int64_t>(N, -1), at::empty({N}, gate_weights.options().dtype(acc_dtype))};
   bool ok = true;
-  for (const int64_t v : out) ok &= (v >= 0) & (v < T);
-  TORCH_CHECK(ok, op, ": rows holds a token outside [0, ", T, ")");
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t r = dp[i];
+    if (r < 0) {
+      ok &= r == -1;
+      continue;
+    }
+    if (r >= N || out.pairs[r] != -1) {
+      ok = false;
+      break;
+    }
+    out.pairs[r] = i;
+  }
+  for (int64_t r = 0; r < N && ok; ++r) ok &= out.pairs[r] >= 0;
+  TORCH_CHECK(ok, op, ": dest_rows must map the kept (token, slot) pairs one to one onto the rows [0, ", N,
+              ") that counts sums to (-1 for dropped pairs)");
+  const Tensor gw = gate_weights.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "moe_routed_gates", [&] {
+    const scalar_t* g = gw.const_data_ptr<scalar_t>();
+    scalar_t* o = out.gates.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < N; ++r) {
+      out.tokens[r] = out.pairs[r] / k;
+      o[r] = g[out.pairs[r]];
+    }
+  });
   return out;
 }
+
+at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 // dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
 void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
   for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
 }
 
-// The forward over expert-sorted rows: x's rows themselves (rows == nullptr, x [N, d]), or x's rows
-// rows[0..N) gathered piece by piece into a per-thread buffer (x [T, d]).
-std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const int64_t* rows, const Shapes& s,
+// The forward over expert-sorted rows. routed == nullptr: x [N, d] holds the rows, out is [N, d]. Else x
+// is [T, d] token rows: each piece's rows are gathered into a per-thread buffer (routed->tokens), and the
+// expert outputs are not kept but added, times their gates, into per-thread [T, d] accumulators (in the
+// accumulation type) summed into out [T, d] at the end.
+std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const RoutedRows* routed, const Shapes& s,
                                                 const std::vector<int64_t>& offs, const Tensor& w13_in,
                                                 const Tensor& w2_in) {
   const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
   const auto opts = x.options();
+  const int64_t T = x.size(0);
   // (plain at::empty: the transparent-huge-page hint of the dispatch ops' outputs made these timings
   // vary more here, without a gain)
-  Tensor out = at::empty({s.N, s.d}, opts), h13 = at::empty({s.N, 2 * s.h}, opts), act = at::empty({s.N, s.h}, opts);
-  if (s.N == 0) return {out, h13, act};
-  if (s.d == 0 || s.h == 0) {
-    out.zero_();
+  Tensor h13 = at::empty({s.N, 2 * s.h}, opts), act = at::empty({s.N, s.h}, opts);
+  if (s.N == 0 || s.d == 0 || s.h == 0) {
     h13.zero_();
     act.zero_();
-    return {out, h13, act};
+    return {at::zeros({routed ? T : s.N, s.d}, opts), h13, act};
   }
   const CpuRowKernels& k = cpu_row_kernels();
   const at::ScalarType dtype = x.scalar_type();
@@ -211,46 +248,47 @@ std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const int64_
   char* h13p = static_cast<char*>(h13.mutable_data_ptr());
   char* actp = static_cast<char*>(act.mutable_data_ptr());
   const int64_t max_piece = max_segment(offs, 0, static_cast<int64_t>(offs.size()) - 1);
-  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
-    const Tensor buf = rows ? scratch({{std::min(max_piece, s.N / parts + 1), s.d}}, opts)[0] : Tensor();
+  const int64_t parts = num_parts(6 * s.N * s.d * s.h, s.N);
+  const int64_t* tokens = routed ? routed->tokens.data() : nullptr;
+  const char* gates = routed ? static_cast<const char*>(routed->gates.const_data_ptr()) : nullptr;
+  const int64_t ges = routed ? static_cast<int64_t>(routed->gates.element_size()) : 0;
+  Tensor out = routed ? at::zeros({parts, T, s.d}, opts.dtype(acc_type(dtype))) : at::empty({s.N, s.d}, opts);
+  run_parts(parts, [&](int64_t p, int64_t) {
+    const int64_t mp = std::min(max_piece, s.N / parts + 1);
+    const std::vector<Tensor> buf = routed ? scratch({{mp, s.d}, {mp, s.d}}, opts) : std::vector<Tensor>{};
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
-      Tensor x_rows = rows ? buf.narrow(0, 0, m) : x.narrow(0, lo, m);
-      if (rows) gather_rows(xp, rows + lo, m, s.d * es, static_cast<char*>(x_rows.mutable_data_ptr()));
+      Tensor x_rows = routed ? buf[0].narrow(0, 0, m) : x.narrow(0, lo, m);
+      if (routed) gather_rows(xp, tokens + lo, m, s.d * es, static_cast<char*>(x_rows.mutable_data_ptr()));
       Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
       at::mm_out(h13_rows, x_rows, w13.select(0, e).t());
       k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
-      Tensor out_rows = out.narrow(0, lo, m);
+      Tensor out_rows = routed ? buf[1].narrow(0, 0, m) : out.narrow(0, lo, m);
       at::mm_out(out_rows, act_rows, w2.select(0, e).t());
+      if (routed) {
+        k.combine_rows(dtype, out_rows.const_data_ptr(), tokens + lo, gates + lo * ges, m, s.d,
+                       out.select(0, p).mutable_data_ptr());
+      }
     });
   });
+  if (routed) out = (parts == 1 ? out.select(0, 0) : out.sum(0)).to(dtype);
   return {out, h13, act};
 }
 
-}  // namespace
-
-namespace {
-
-// acc[rows[r]] += g[r] for the c rows of g [c, d] (dtype), acc [T, d] in the accumulation type.
-void add_rows_to_tokens(const Tensor& g, const int64_t* rows, int64_t c, int64_t d, const Tensor& acc) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "moe_add_rows_to_tokens", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    acc_t* a = acc.mutable_data_ptr<acc_t>();
-    for (int64_t r = 0; r < c; ++r) {
-      acc_t* dst = a + rows[r] * d;
-      const scalar_t* src = gp + r * d;
-      for (int64_t q = 0; q < d; ++q) dst[q] += static_cast<acc_t>(src[q]);
-    }
-  });
-}
+// What a routed backward adds: the gathered rows' tokens, their gates, and where each row's gate
+// gradient goes (grad_gates [N], accumulation type).
+struct RoutedGrad {
+  const RoutedRows& rows;
+  Tensor grad_gates;
+};
 
 // The backward with whole experts per thread (`owners` from expert_ranges): each thread runs one
 // expert's five GEMMs back to back, so its grad_out, x and grad_h13 rows are still in cache for the
-// weight gradients. rows == nullptr: x and grad_x are [N, d], grad_x written in place; else x is
-// [T, d], gathered per expert, and grad_x is [parts, T, d] in the accumulation type, thread p adding
-// each row's input gradient to its token's row of grad_x[p].
-void backward_whole_experts(const Tensor& go, const Tensor& x, const int64_t* rows, const Tensor& w13,
+// weight gradients. routed == nullptr: go, x and grad_x are [N, d], grad_x written in place. Else go
+// and x are [T, d], gathered per expert; the gate gradients and the gates' scaling are taken from the
+// activation gradient (gate_rows), and grad_x is [parts, T, d] in the accumulation type, thread p
+// adding each row's input gradient to its token's row of grad_x[p].
+void backward_whole_experts(const Tensor& go, const Tensor& x, const RoutedGrad* routed, const Tensor& w13,
                             const Tensor& w2, const Tensor& h13, const Tensor& act, const Shapes& s,
                             const std::vector<int64_t>& offs, const std::vector<int64_t>& owners,
                             const Tensor& grad_x, const Tensor& grad_w13, const Tensor& grad_w2) {
@@ -259,13 +297,19 @@ void backward_whole_experts(const Tensor& go, const Tensor& x, const int64_t* ro
   const auto opts = x.options();
   const int64_t es = static_cast<int64_t>(x.element_size());
   const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+  const char* actp = static_cast<const char*>(act.const_data_ptr());
   const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const char* gop = static_cast<const char*>(go.const_data_ptr());
+  const int64_t* tokens = routed ? routed->rows.tokens.data() : nullptr;
+  const char* gates = routed ? static_cast<const char*>(routed->rows.gates.const_data_ptr()) : nullptr;
+  char* grad_gates = routed ? static_cast<char*>(routed->grad_gates.mutable_data_ptr()) : nullptr;
+  const int64_t ges = routed ? static_cast<int64_t>(routed->grad_gates.element_size()) : 0;
   run_parts(static_cast<int64_t>(owners.size()) - 1, [&](int64_t p, int64_t) {
     const int64_t mr = max_segment(offs, owners[p], owners[p + 1]);
     std::vector<std::pair<int64_t, int64_t>> shapes{{mr, s.h}, {mr, 2 * s.h}};
-    if (rows) shapes.insert(shapes.end(), {{mr, s.d}, {mr, s.d}});  // gathered x rows, their grad_x rows
+    if (routed) shapes.insert(shapes.end(), {{mr, s.d}, {mr, s.d}, {mr, s.d}});  // x, grad_x, grad_out rows
     const std::vector<Tensor> buf = scratch(shapes, opts);
-    const char* bap = static_cast<const char*>(buf[0].const_data_ptr());
+    char* bap = static_cast<char*>(buf[0].mutable_data_ptr());
     char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
     for (int64_t e = owners[p]; e < owners[p + 1]; ++e) {
       const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
@@ -276,18 +320,93 @@ void backward_whole_experts(const Tensor& go, const Tensor& x, const int64_t* ro
         continue;
       }
       Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c);
-      Tensor x_e = rows ? buf[2].narrow(0, 0, c) : x.narrow(0, lo, c);
-      Tensor gx_e = rows ? buf[3].narrow(0, 0, c) : grad_x.narrow(0, lo, c);
-      if (rows) gather_rows(xp, rows + lo, c, s.d * es, static_cast<char*>(x_e.mutable_data_ptr()));
-      const Tensor go_e = go.narrow(0, lo, c);
+      Tensor x_e = routed ? buf[2].narrow(0, 0, c) : x.narrow(0, lo, c);
+      Tensor gx_e = routed ? buf[3].narrow(0, 0, c) : grad_x.narrow(0, lo, c);
+      Tensor go_e = routed ? buf[4].narrow(0, 0, c) : go.narrow(0, lo, c);
+      if (routed) {
+        gather_rows(xp, tokens + lo, c, s.d * es, static_cast<char*>(x_e.mutable_data_ptr()));
+        gather_rows(gop, tokens + lo, c, s.d * es, static_cast<char*>(go_e.mutable_data_ptr()));
+      }
       at::mm_out(ga, go_e, w2.select(0, e));
+      if (routed) {  // the gates' gradients, then grad_act and grad_out times the gates
+        k.gate_rows(dtype, bap, actp + lo * s.h * es, gates + lo * ges, c, s.h, grad_gates + lo * ges,
+                    go_e.mutable_data_ptr(), s.d);
+      }
       k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
       at::mm_out(gx_e, gh, w13.select(0, e));
       at::mm_out(gw13, gh.t(), x_e);
       at::mm_out(gw2, go_e.t(), act.narrow(0, lo, c));
-      if (rows) add_rows_to_tokens(gx_e, rows + lo, c, s.d, grad_x.select(0, p));
+      if (routed) {
+        k.combine_rows(dtype, gx_e.const_data_ptr(), tokens + lo, nullptr, c, s.d, grad_x.select(0, p).mutable_data_ptr());
+      }
     }
   });
+}
+
+// The backward with the rows split evenly over the threads (a few large, uneven experts): a row phase
+// (grad_act, grad_h13, grad_x) over equal row ranges, then a weight phase in which each thread computes
+// a block of output rows of every expert's weight gradients. go, x and grad_x are [N, d]; with routed,
+// go holds the gathered grad_out rows (scaled by the gates in place in the row phase, for the weight
+// phase) and the gate gradients go to routed->grad_gates.
+void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* routed, const Tensor& w13,
+                        const Tensor& w2, const Tensor& h13, const Tensor& act, const Shapes& s,
+                        const std::vector<int64_t>& offs, const Tensor& grad_x, const Tensor& grad_w13,
+                        const Tensor& grad_w2) {
+  const CpuRowKernels& k = cpu_row_kernels();
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
+  const char* actp = static_cast<const char*>(act.const_data_ptr());
+  const std::vector<Tensor> tmp = scratch({{s.N, s.h}, {s.N, 2 * s.h}}, x.options());
+  const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
+  char* gap = static_cast<char*>(grad_act.mutable_data_ptr());
+  char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
+  char* gop = static_cast<char*>(go.mutable_data_ptr());
+  const char* gates = routed ? static_cast<const char*>(routed->rows.gates.const_data_ptr()) : nullptr;
+  char* grad_gates = routed ? static_cast<char*>(routed->grad_gates.mutable_data_ptr()) : nullptr;
+  const int64_t ges = routed ? static_cast<int64_t>(routed->grad_gates.element_size()) : 0;
+
+  // Row phase: grad_act = grad_out @ w2[e]; grad_h13 = SwiGLU backward; grad_x = grad_h13 @ w13[e].
+  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
+    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
+      const int64_t m = hi - lo;
+      Tensor ga_rows = grad_act.narrow(0, lo, m);
+      at::mm_out(ga_rows, go.narrow(0, lo, m), w2.select(0, e));
+      if (routed) {
+        k.gate_rows(dtype, gap + lo * s.h * es, actp + lo * s.h * es, gates + lo * ges, m, s.h,
+                    grad_gates + lo * ges, gop + lo * s.d * es, s.d);
+      }
+      k.swiglu_bwd(dtype, gap + lo * s.h * es, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h,
+                   gh13p + lo * 2 * s.h * es, 2 * s.h);
+      Tensor gx_rows = grad_x.narrow(0, lo, m);
+      at::mm_out(gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
+    });
+  });
+
+  // Weight phase: part p computes rows [2h p / P, 2h (p + 1) / P) of every grad_w13[e] and rows
+  // [d p / P, d (p + 1) / P) of every grad_w2[e], each a GEMM over the expert's whole segment.
+  const int64_t max_parts = std::min(2 * s.h, s.d);
+  run_parts(num_parts(6 * s.N * s.d * s.h, max_parts), [&](int64_t p, int64_t parts) {
+    const int64_t j0 = 2 * s.h * p / parts, j1 = 2 * s.h * (p + 1) / parts;
+    const int64_t i0 = s.d * p / parts, i1 = s.d * (p + 1) / parts;
+    for (int64_t e = 0; e < s.E; ++e) {
+      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
+      Tensor gw13 = grad_w13.select(0, e).narrow(0, j0, j1 - j0);
+      Tensor gw2 = grad_w2.select(0, e).narrow(0, i0, i1 - i0);
+      if (c == 0) {
+        gw13.zero_();
+        gw2.zero_();
+        continue;
+      }
+      at::mm_out(gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c));
+      at::mm_out(gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c));
+    }
+  });
+}
+
+std::vector<int64_t> owner_ranges(const Shapes& s, const std::vector<int64_t>& offs) {
+  if (s.N == 0 || s.d == 0 || s.h == 0) return {};
+  return expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E));
 }
 
 }  // namespace
@@ -320,116 +439,84 @@ std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_backward_cpu(const Tensor& gra
     grad_w2.zero_();
     return {grad_x, grad_w13, grad_w2};
   }
-  const CpuRowKernels& k = cpu_row_kernels();
-  const int64_t es = static_cast<int64_t>(x.element_size());
-  const char* h13p = static_cast<const char*>(h13.const_data_ptr());
-
-  // Many small experts: whole experts per thread (backward_whole_experts).
-  const std::vector<int64_t> owners = expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E));
+  // Many small experts: whole experts per thread; else the row split.
+  const std::vector<int64_t> owners = owner_ranges(s, offs);
   if (!owners.empty()) {
     backward_whole_experts(go, x, nullptr, w13, w2, h13, act, s, offs, owners, grad_x, grad_w13, grad_w2);
-    return {grad_x, grad_w13, grad_w2};
+  } else {
+    backward_row_split(go, x, nullptr, w13, w2, h13, act, s, offs, grad_x, grad_w13, grad_w2);
   }
-
-  const std::vector<Tensor> tmp = scratch({{s.N, s.h}, {s.N, 2 * s.h}}, opts);
-  const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
-  const char* gap = static_cast<const char*>(grad_act.const_data_ptr());
-  char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
-
-  // Row phase: grad_act = grad_out @ w2[e]; grad_h13 = SwiGLU backward; grad_x = grad_h13 @ w13[e].
-  run_parts(num_parts(6 * s.N * s.d * s.h, s.N), [&](int64_t p, int64_t parts) {
-    for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
-      const int64_t m = hi - lo;
-      Tensor ga_rows = grad_act.narrow(0, lo, m);
-      at::mm_out(ga_rows, go.narrow(0, lo, m), w2.select(0, e));
-      k.swiglu_bwd(dtype, gap + lo * s.h * es, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h,
-                   gh13p + lo * 2 * s.h * es, 2 * s.h);
-      Tensor gx_rows = grad_x.narrow(0, lo, m);
-      at::mm_out(gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
-    });
-  });
-
-  // Weight phase: part p computes rows [2h p / P, 2h (p + 1) / P) of every grad_w13[e] and rows
-  // [d p / P, d (p + 1) / P) of every grad_w2[e], each a GEMM over the expert's whole segment.
-  const int64_t max_parts = std::min(2 * s.h, s.d);
-  run_parts(num_parts(6 * s.N * s.d * s.h, max_parts), [&](int64_t p, int64_t parts) {
-    const int64_t j0 = 2 * s.h * p / parts, j1 = 2 * s.h * (p + 1) / parts;
-    const int64_t i0 = s.d * p / parts, i1 = s.d * (p + 1) / parts;
-    for (int64_t e = 0; e < s.E; ++e) {
-      const int64_t lo = offs[e], c = offs[e + 1] - offs[e];
-      Tensor gw13 = grad_w13.select(0, e).narrow(0, j0, j1 - j0);
-      Tensor gw2 = grad_w2.select(0, e).narrow(0, i0, i1 - i0);
-      if (c == 0) {
-        gw13.zero_();
-        gw2.zero_();
-        continue;
-      }
-      at::mm_out(gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c));
-      at::mm_out(gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c));
-    }
-  });
   return {grad_x, grad_w13, grad_w2};
 }
 
-// ---- the same with the permute folded in: x [T, d] token rows, rows [N] the token of each
-// expert-sorted row (moe.ops RoutingIndex.source_tokens). The forward gathers each piece's token rows
-// into a small per-thread buffer (x stays in cache) instead of reading a materialised [N, d] permuted
-// copy; the backward sums each row's input gradient straight into its token's grad_x row (fp32
-// per-thread accumulators, added up at the end), instead of writing [N, d] for a gather-sum. A few
-// uneven experts (the row split) take the permuted copy and a scatter-add. The whole MoE layer,
-// against permute + grouped_swiglu + the permute's backward, both taking turns in one process:
-// 64 experts of 64, d=128, T=2048, one thread 52.0 -> 49.1 ms; at d=512 with 2 threads level (0.99x
-// at 128 experts of 128, 1.01x at 64 of 256). It also saves the permuted copy's activations.
+// ---- permute, experts and weighted combine in one op: x [T, d] token rows, dest_rows [T, k] and
+// gate_weights [T, k] as unpermute takes them (moe.ops RoutingIndex), the expert-sorted segments given
+// by counts. The forward gathers each piece's token rows into a small per-thread buffer (x stays in
+// cache) instead of reading a materialised [N, d] permuted copy, and adds each expert output row, times
+// its gate, into its token's row (per-thread accumulators) instead of writing [N, d] for unpermute to
+// read back. The backward gathers grad_out's rows per expert the same way; the gate's gradient
+// <grad_out[t], y[r]> is taken as <grad_out[t] @ w2[e], act[r]> from the activation gradient the expert
+// backward computes anyway, so the expert outputs y are neither kept nor recomputed; each row's input
+// gradient is summed into its token's grad_x row (fp32 per-thread accumulators). A few uneven experts
+// (the row split) take permuted copies of x and grad_out and a scatter-add.
 
-std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_cpu(const Tensor& x_in, const Tensor& rows_in,
-                                                             const Tensor& w13_in, const Tensor& w2_in,
-                                                             const Tensor& counts) {
-  TORCH_CHECK(x_in.dim() == 2, "grouped_swiglu_gather: x must be [T, d], got ", x_in.sizes());
-  const std::vector<int64_t> rows = checked_rows(rows_in, x_in.size(0), "grouped_swiglu_gather");
-  const int64_t N = static_cast<int64_t>(rows.size());
+std::tuple<Tensor, Tensor, Tensor> routed_swiglu_cpu(const Tensor& x_in, const Tensor& dest_rows,
+                                                     const Tensor& gate_weights, const Tensor& w13_in,
+                                                     const Tensor& w2_in, const Tensor& counts, int64_t num_rows) {
+  const char* op = "routed_swiglu";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [T, d], got ", x_in.sizes());
   // shapes checked as for the permuted rows: an [N, d] view of the same width
-  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts,
-                                "grouped_swiglu_gather");
-  return forward_rows(x_in, rows.data(), s, segment_offsets(counts, s.N, "grouped_swiglu_gather"), w13_in, w2_in);
+  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({num_rows, x_in.size(1)}), w13_in, w2_in,
+                                counts, op);
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, op);
+  const RoutedRows routed = routed_rows(dest_rows, gate_weights, x_in.size(0), s.N, acc_type(x_in.scalar_type()), op);
+  return forward_rows(x_in, &routed, s, offs, w13_in, w2_in);
 }
 
-std::tuple<Tensor, Tensor, Tensor> grouped_swiglu_gather_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
-                                                                      const Tensor& rows_in, const Tensor& w13_in,
-                                                                      const Tensor& w2_in, const Tensor& counts,
-                                                                      const Tensor& h13_in, const Tensor& act_in) {
-  TORCH_CHECK(x_in.dim() == 2, "grouped_swiglu_gather_backward: x must be [T, d], got ", x_in.sizes());
-  const int64_t T = x_in.size(0);
-  const std::vector<int64_t> rows = checked_rows(rows_in, T, "grouped_swiglu_gather_backward");
-  const int64_t N = static_cast<int64_t>(rows.size());
-  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts,
-                                "grouped_swiglu_gather_backward");
-  const std::vector<int64_t> offs = segment_offsets(counts, s.N, "grouped_swiglu_gather_backward");
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == s.N && grad_out_in.size(1) == s.d && h13_in.dim() == 2 &&
-                  h13_in.size(0) == s.N && h13_in.size(1) == 2 * s.h && act_in.dim() == 2 && act_in.size(0) == s.N &&
+std::tuple<Tensor, Tensor, Tensor, Tensor> routed_swiglu_backward_cpu(
+    const Tensor& grad_out_in, const Tensor& x_in, const Tensor& dest_rows, const Tensor& gate_weights,
+    const Tensor& w13_in, const Tensor& w2_in, const Tensor& counts, const Tensor& h13_in, const Tensor& act_in) {
+  const char* op = "routed_swiglu_backward";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [T, d], got ", x_in.sizes());
+  TORCH_CHECK(h13_in.dim() == 2 && act_in.dim() == 2, op, ": h13 must be [N, 2h] and act [N, h]");
+  const int64_t T = x_in.size(0), N = h13_in.size(0);
+  const Shapes s = check_shapes(x_in.new_empty({1, x_in.size(1)}).expand({N, x_in.size(1)}), w13_in, w2_in, counts, op);
+  const std::vector<int64_t> offs = segment_offsets(counts, s.N, op);
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && h13_in.size(1) == 2 * s.h && act_in.size(0) == s.N &&
                   act_in.size(1) == s.h,
-              "grouped_swiglu_gather_backward: grad_out must be [N, d], h13 [N, 2h] and act [N, h]");
-  const at::ScalarType dtype = x_in.scalar_type();
-  const Tensor x = x_in.contiguous();
-  const auto opts = x.options();
-  const at::ScalarType acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const std::vector<int64_t> owners =
-      s.N > 0 && s.d > 0 && s.h > 0 ? expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E)) : std::vector<int64_t>{};
-  if (owners.empty()) {
-    // a few uneven experts (or nothing to compute): the permuted copy, the row-split backward, a scatter-add
-    const Tensor rows_t = at::from_blob(const_cast<int64_t*>(rows.data()), {N}, at::TensorOptions().dtype(at::kLong));
-    auto [gxp, gw13, gw2] = grouped_swiglu_backward_cpu(grad_out_in, x.index_select(0, rows_t), w13_in, w2_in, counts,
-                                                        h13_in, act_in);
-    Tensor grad_x = at::zeros({T, s.d}, opts.dtype(acc_dtype)).index_add_(0, rows_t, gxp.to(acc_dtype));
-    return {grad_x.to(dtype), gw13, gw2};
-  }
-  const Tensor w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
+              op, ": grad_out must be [T, d] like x, h13 [N, 2h] and act [N, h]");
+  const at::ScalarType dtype = x_in.scalar_type(), acc_dtype = acc_type(dtype);
+  RoutedGrad routed{routed_rows(dest_rows, gate_weights, T, s.N, acc_dtype, op), at::zeros({s.N}, x_in.options().dtype(acc_dtype))};
+  const Tensor x = x_in.contiguous(), w13 = w13_in.contiguous(), w2 = w2_in.contiguous();
   const Tensor go = grad_out_in.to(dtype).contiguous(), h13 = h13_in.to(dtype).contiguous(),
                act = act_in.to(dtype).contiguous();
-  Tensor grad_w13 = at::empty(w13.sizes(), opts), grad_w2 = at::empty(w2.sizes(), opts);
-  const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
-  Tensor acc = at::zeros({parts, T, s.d}, opts.dtype(acc_dtype));  // one grad_x accumulator per thread
-  backward_whole_experts(go, x, rows.data(), w13, w2, h13, act, s, offs, owners, acc, grad_w13, grad_w2);
-  return {(parts == 1 ? acc.select(0, 0) : acc.sum(0)).to(dtype), grad_w13, grad_w2};
+  const auto opts = x.options();
+  Tensor grad_x, grad_w13 = at::empty(w13.sizes(), opts), grad_w2 = at::empty(w2.sizes(), opts);
+  const std::vector<int64_t> owners = owner_ranges(s, offs);
+  if (s.N == 0 || s.d == 0 || s.h == 0) {
+    grad_x = at::zeros({T, s.d}, opts);
+    grad_w13.zero_();
+    grad_w2.zero_();
+  } else if (!owners.empty()) {
+    const int64_t parts = static_cast<int64_t>(owners.size()) - 1;
+    Tensor acc = at::zeros({parts, T, s.d}, opts.dtype(acc_dtype));  // one grad_x accumulator per thread
+    backward_whole_experts(go, x, &routed, w13, w2, h13, act, s, offs, owners, acc, grad_w13, grad_w2);
+    grad_x = (parts == 1 ? acc.select(0, 0) : acc.sum(0)).to(dtype);
+  } else {
+    // a few uneven experts: permuted copies of x and grad_out, the row split, a scatter-add
+    const Tensor tokens =
+        at::from_blob(const_cast<int64_t*>(routed.rows.tokens.data()), {s.N}, at::TensorOptions().dtype(at::kLong));
+    const Tensor x_rows = x.index_select(0, tokens), go_rows = go.index_select(0, tokens);
+    Tensor gx_rows = at::empty({s.N, s.d}, opts);
+    backward_row_split(go_rows, x_rows, &routed, w13, w2, h13, act, s, offs, gx_rows, grad_w13, grad_w2);
+    grad_x = at::zeros({T, s.d}, opts.dtype(acc_dtype)).index_add_(0, tokens, gx_rows.to(acc_dtype)).to(dtype);
+  }
+  // each row's gate gradient to its (token, slot) pair; dropped pairs get zero
+  Tensor grad_gates = at::zeros({gate_weights.numel()}, opts.dtype(acc_dtype));
+  const Tensor pairs =
+      at::from_blob(const_cast<int64_t*>(routed.rows.pairs.data()), {s.N}, at::TensorOptions().dtype(at::kLong));
+  grad_gates.index_copy_(0, pairs, routed.grad_gates);
+  return {grad_x, grad_gates.view(gate_weights.sizes()).to(gate_weights.scalar_type()), grad_w13, grad_w2};
 }
 
 }  // namespace moe

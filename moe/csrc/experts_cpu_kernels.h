@@ -168,6 +168,83 @@ void swiglu_bwd_t(const scalar_t* grad_act, int64_t ld_ga, const scalar_t* h13, 
   }
 }
 
+// ---- the gates of routed rows (the routed op, experts_cpu.cpp: permute, experts and weighted combine in one)
+//
+//   combine_rows: acc[tokens[r]] += gate[r] * y[r] for the m rows of y [m, d] (gate 1 when gates is
+//                 nullptr: the input gradient's per-token sum); acc [T, d] and gates in the
+//                 accumulation type
+//   gate_rows:    grad_gate[r] = <ga[r], act[r]> (ga [m, h] the gradient of the expert's activation before
+//                 the gate, act [m, h]: <grad_out[t], y[r]> without y), then ga[r] *= gate[r] and
+//                 go[r] *= gate[r] (go [m, d] the gathered grad_out rows): the gated gradients
+// Sums in a fixed order (kLanes partial sums), no FMA: bitwise the same in both builds.
+
+template <typename scalar_t, typename acc_t>
+void combine_rows_t(const scalar_t* y, const int64_t* tokens, const acc_t* gates, int64_t m, int64_t d, acc_t* acc) {
+  for (int64_t r = 0; r < m; ++r) {
+    acc_t* __restrict__ dst = acc + tokens[r] * d;
+    const scalar_t* __restrict__ src = y + r * d;
+    const acc_t g = gates ? gates[r] : acc_t(1);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int64_t q = 0; q < d; ++q) dst[q] += g * src[q];
+    } else {
+      acc_t buf[kSwigluBlock];
+      for (int64_t c = 0; c < d; c += kSwigluBlock) {
+        const int64_t n = std::min(kSwigluBlock, d - c);
+        to_acc(src + c, buf, n);
+        for (int64_t q = 0; q < n; ++q) dst[c + q] += g * buf[q];
+      }
+    }
+  }
+}
+
+// x[0..n) *= g, in the accumulation type (one rounding for bf16 / fp16)
+template <typename scalar_t, typename acc_t>
+void scale_row(scalar_t* __restrict__ x, int64_t n, acc_t g) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t q = 0; q < n; ++q) x[q] *= g;
+  } else {
+    acc_t buf[kSwigluBlock];
+    for (int64_t c = 0; c < n; c += kSwigluBlock) {
+      const int64_t b = std::min(kSwigluBlock, n - c);
+      to_acc(x + c, buf, b);
+      for (int64_t q = 0; q < b; ++q) buf[q] *= g;
+      from_acc(buf, x + c, b);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void gate_rows_t(scalar_t* ga, const scalar_t* act, const acc_t* gates, int64_t m, int64_t h, acc_t* grad_gates,
+                 scalar_t* go, int64_t d) {
+  for (int64_t r = 0; r < m; ++r) {
+    scalar_t* gar = ga + r * h;
+    const scalar_t* ar = act + r * h;
+    acc_t lanes[kLanes] = {};
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      int64_t q = 0;
+      for (; q + kLanes <= h; q += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += gar[q + l] * ar[q + l];
+      for (int l = 0; q < h; ++q, ++l) lanes[l] += gar[q] * ar[q];
+    } else {
+      acc_t gb[kSwigluBlock], ab[kSwigluBlock];
+      for (int64_t c = 0; c < h; c += kSwigluBlock) {
+        const int64_t n = std::min(kSwigluBlock, h - c);
+        to_acc(gar + c, gb, n);
+        to_acc(ar + c, ab, n);
+        int64_t q = 0;
+        for (; q + kLanes <= n; q += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] += gb[q + l] * ab[q + l];
+        for (int l = 0; q < n; ++q, ++l) lanes[l] += gb[q] * ab[q];
+      }
+    }
+    for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
+      for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
+    grad_gates[r] = lanes[0];
+    scale_row(gar, h, gates[r]);
+    scale_row(go + r * d, d, gates[r]);
+  }
+}
+
 // ---- entry points (external linkage, one set per ISA namespace)
 
 void swiglu_fwd(at::ScalarType dtype, const void* h13, int64_t ld_h13, int64_t rows, int64_t h, void* act,
@@ -182,6 +259,25 @@ void swiglu_bwd(at::ScalarType dtype, const void* grad_act, int64_t ld_ga, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_swiglu_backward_cpu", [&] {
     swiglu_bwd_t<scalar_t>(static_cast<const scalar_t*>(grad_act), ld_ga, static_cast<const scalar_t*>(h13), ld_h13,
                            rows, h, static_cast<scalar_t*>(grad_h13), ld_gh13);
+  });
+}
+
+void combine_rows(at::ScalarType dtype, const void* y, const int64_t* tokens, const void* gates, int64_t m, int64_t d,
+                  void* acc) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_combine_rows_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    combine_rows_t<scalar_t, acc_t>(static_cast<const scalar_t*>(y), tokens, static_cast<const acc_t*>(gates), m, d,
+                                    static_cast<acc_t*>(acc));
+  });
+}
+
+void gate_rows(at::ScalarType dtype, void* ga, const void* act, const void* gates, int64_t m, int64_t h,
+               void* grad_gates, void* go, int64_t d) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "moe_gate_rows_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    gate_rows_t<scalar_t, acc_t>(static_cast<scalar_t*>(ga), static_cast<const scalar_t*>(act),
+                                 static_cast<const acc_t*>(gates), m, h, static_cast<acc_t*>(grad_gates),
+                                 static_cast<scalar_t*>(go), d);
   });
 }
 

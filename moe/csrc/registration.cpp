@@ -13,8 +13,9 @@
 //   grouped_swiglu(x [N,d], w13 [E,2h,d], w2 [E,d,h], counts [E]) -> (out [N,d], h13 [N,2h], act [N,h])
 //   grouped_swiglu_backward(grad_out, x, w13, w2, counts, h13, act) -> (grad_x, grad_w13, grad_w2)
 //       (CPU only: on CUDA the experts run torch._grouped_mm or the per-expert loop)
-//   grouped_swiglu_gather(x [T,d], rows [N], w13, w2, counts) -> (out [N,d], h13, act): the same on x[rows],
-//       without materialising x[rows]; its backward's grad_x is [T,d] (each token's rows summed)
+//   routed_swiglu(x [T,d], dest_rows [T,k], gate_weights [T,k], w13, w2, counts, num_rows) -> (out [T,d], h13, act):
+//       unpermute(grouped_swiglu(permute(x)), gate_weights) in one op, without the [N,d] permuted rows or
+//       expert outputs; routed_swiglu_backward -> (grad_x [T,d], grad_gate_weights [T,k], grad_w13, grad_w2)
 //   topk_indices(scores [T,E], k) -> [T,k] int64: the routers' top-k (CPU only; elsewhere torch.topk)
 #include <Python.h>
 
@@ -36,11 +37,12 @@ TORCH_LIBRARY_FRAGMENT(moe, m) {
       "grouped_swiglu_backward(Tensor grad_out, Tensor x, Tensor w13, Tensor w2, Tensor counts, Tensor h13, "
       "Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
   m.def(
-      "grouped_swiglu_gather(Tensor x, Tensor rows, Tensor w13, Tensor w2, Tensor counts) "
-      "-> (Tensor out, Tensor h13, Tensor act)");
+      "routed_swiglu(Tensor x, Tensor dest_rows, Tensor gate_weights, Tensor w13, Tensor w2, Tensor counts, "
+      "SymInt num_rows) -> (Tensor out, Tensor h13, Tensor act)");
   m.def(
-      "grouped_swiglu_gather_backward(Tensor grad_out, Tensor x, Tensor rows, Tensor w13, Tensor w2, Tensor counts, "
-      "Tensor h13, Tensor act) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2)");
+      "routed_swiglu_backward(Tensor grad_out, Tensor x, Tensor dest_rows, Tensor gate_weights, Tensor w13, "
+      "Tensor w2, Tensor counts, Tensor h13, Tensor act) "
+      "-> (Tensor grad_x, Tensor grad_gate_weights, Tensor grad_w13, Tensor grad_w2)");
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
 }
 
@@ -51,8 +53,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
   m.impl("grouped_swiglu", &moe::grouped_swiglu_cpu);
   m.impl("grouped_swiglu_backward", &moe::grouped_swiglu_backward_cpu);
-  m.impl("grouped_swiglu_gather", &moe::grouped_swiglu_gather_cpu);
-  m.impl("grouped_swiglu_gather_backward", &moe::grouped_swiglu_gather_backward_cpu);
+  m.impl("routed_swiglu", &moe::routed_swiglu_cpu);
+  m.impl("routed_swiglu_backward", &moe::routed_swiglu_backward_cpu);
   m.impl("topk_indices", &moe::topk_indices_cpu);
 }
 

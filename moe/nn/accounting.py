@@ -96,15 +96,16 @@ def _moe_parts(m: ModelConfig, a: int, device: str, ep_size: int) -> Dict[str, f
     d, E, k, h = m.d_model, m.moe.num_experts, m.moe.top_k, expert_hidden(m)
     router = (d + 2 * E + 1) * a + 8 * k  # its input, logits and scores (E x T both ways), the top-k ids
     hidden = 4 * h if device == "cuda" else 3 * h  # grouped_mm keeps silu(gate) too; the CPU op recomputes it
-    # the expert rows: on CPU (one EP rank) the compiled op gathers them from the layer's input
-    # (moe.ops.grouped_swiglu_gather) and keeps that input and each row's token id instead of a permuted
-    # copy; the input is the router's own in fp32 (in bf16 the router keeps an fp32 copy) and the shared
-    # experts' input, so it counts only in bf16 without shared experts
+    # On CPU with one EP rank, permute, experts and combine are one compiled op (moe.ops.routed_swiglu):
+    # it keeps the layer's input instead of the permuted rows, and no expert outputs (the gates'
+    # gradients come from the activation gradients); that input is the router's own in fp32 (in bf16
+    # the router keeps an fp32 copy) and the shared experts' input, so it counts only in bf16 without
+    # shared experts. Elsewhere the permuted rows and the expert outputs are kept.
     if device == "cuda" or ep_size > 1:
-        rows_in = k * d * a
+        rows_in, outputs = k * d * a, k * d * a
     else:
-        rows_in = 8 * k + (d * a if a != 4 and not m.moe.num_shared_experts else 0)
-    region = 8 * k + k * a + rows_in + k * hidden * a + k * d * a  # rows index, gates, expert rows + hidden, outputs
+        rows_in, outputs = (d * a if a != 4 and not m.moe.num_shared_experts else 0), 0
+    region = 8 * k + k * a + rows_in + k * hidden * a + outputs  # rows index, gates, expert rows + hidden, outputs
     if ep_size > 1:
         region += 2 * 8 * k  # the exchange's row orders (received -> local expert and back)
     kept = 8 * k + 8 * k + 4 * k + (d * 4 if a != 4 else 0)  # recompute=moe: index, gates, the fp32 input

@@ -274,22 +274,23 @@ class Experts(nn.Module):
             raise ValueError(f"model.moe.experts_impl={impl.name}: {why}")
         return impl.forward(x, self.w13, self.w2, tokens_per_expert, self.backend)
 
-    def forward_gathered(self, tokens: torch.Tensor, rows: torch.Tensor,
-                         tokens_per_expert: torch.Tensor) -> Optional[torch.Tensor]:
-        """`forward(tokens[rows], tokens_per_expert)` without materialising tokens[rows]: tokens [T, d],
-        rows [N] the token of each expert-sorted row. Where `forward` would run the compiled `loop`
-        (extension backend, CPU) this is one compiled op that gathers the rows itself and sums each token's
-        input gradient in place (moe.ops.grouped_swiglu_gather); otherwise, or while hooks wrap `forward`
-        (the expert-parallel exchange), None: the caller permutes and calls `forward`."""
+    def forward_routed(self, tokens: torch.Tensor, index, gate_weights: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole routed computation from tokens to tokens, `unpermute(forward(permute(tokens, index)),
+        index, gate_weights)`, where `forward` would run the compiled `loop` (extension backend, CPU): one
+        compiled op (moe.ops.routed_swiglu) that gathers each expert's rows itself and adds its outputs,
+        times their gates, into the tokens' rows, so neither the permuted rows nor the expert outputs
+        are made or saved. tokens [T, d], index a moe.ops.RoutingIndex with E experts, gate_weights
+        [T, k] -> [T, d]. None (the caller permutes, calls `forward` and unpermutes) elsewhere, and while
+        hooks wrap `forward` (the expert-parallel exchange)."""
         if self._forward_hooks or self._forward_pre_hooks:
             return None
         compute_dtype = _autocast_dtype(tokens.device) or tokens.dtype
         if compute_dtype != tokens.dtype or not ops.grouped_swiglu_supported(self.backend, tokens):
             return None
         impl = resolve_experts_impl(self.impl, tokens.device, compute_dtype, self.d_model, self.hidden)
-        if impl != LoopExperts.name:
+        if impl != LoopExperts.name or index.tokens_per_expert.numel() != self.num_experts:
             return None
-        return ops.grouped_swiglu_gather(tokens, rows, self.w13, self.w2, tokens_per_expert)
+        return ops.routed_swiglu(tokens, index, gate_weights, self.w13, self.w2)
 
 
 # ------------------------------------------------------------------------------ checking a config

@@ -2,9 +2,11 @@
 
 Its path for a batch: router -> routing index (which row of the expert-sorted buffer each (token,
 slot) goes to; capacity drops happen here) -> permute -> experts -> unpermute (weighted combine) ->
-+ shared experts. Where the experts run the compiled CPU op, they gather their rows from the tokens
-themselves (`Experts.forward_gathered`): no permuted copy is made or saved for backward. Dropped (token, slot) pairs contribute nothing, so a fully dropped token passes
-through the block's residual connection unchanged.
++ shared experts. Where the experts run the compiled CPU op, permute, experts and unpermute are one op
+(`Experts.forward_routed`): it gathers each expert's rows from the tokens and adds the gated outputs
+back into them, so neither the permuted rows nor the expert outputs are made or saved for backward.
+Dropped (token, slot) pairs contribute nothing, so a fully dropped token passes through the block's
+residual connection unchanged.
 """
 from __future__ import annotations
 
@@ -76,10 +78,9 @@ class MoELayer(nn.Module):
         computation without the router, the region `train.recompute=moe` recomputes in backward
         (moe/parallel/recompute.py). It has no side effect on the layer's statistics."""
         backend, E = self.dispatch_backend, self.num_experts
-        if index.tokens_per_expert.numel() == E:  # the compiled experts can gather their rows themselves
-            expert_out = self.experts.forward_gathered(flat, index.source_tokens, index.tokens_per_expert)
-            if expert_out is not None:
-                return ops.unpermute(expert_out, index, gate_weights, backend=backend)
+        out = self.experts.forward_routed(flat, index, gate_weights)  # the compiled op does all three
+        if out is not None:
+            return out
         expert_in = ops.permute(flat, index, backend=backend)
         if index.tokens_per_expert.numel() > E:  # the virtual expert E of unused slots: never computed
             counts = index.tokens_per_expert[:E]

@@ -7,7 +7,8 @@ Three ops, each differentiable:
 - `permute(x[T, d], index)` -> [rows, d]: gather token rows into expert order (dropped slots skipped).
 - `unpermute(y[rows, d], index, gate_weights[T, k])` -> [T, d]: each token's weighted sum of its
   expert outputs; dropped slots contribute zero (the residual path carries the token unchanged).
-Plus `grouped_swiglu`, the compiled grouped expert FFN (CPU), used by moe/nn/experts.py, and
+Plus `grouped_swiglu`, the compiled grouped expert FFN (CPU), and `routed_swiglu`, permute + experts +
+unpermute in one compiled op (CPU), both used by moe/nn/experts.py, and
 `topk_indices`, the routers' top-k selection (compiled on CPU, torch.topk elsewhere).
 
 Each takes `backend`: "reference" (reference.py, pure PyTorch: always importable, and what tests
@@ -37,9 +38,8 @@ from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expe
 
 __all__ = [
     "RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend", "expert_capacity",
-    "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_gather",
-    "grouped_swiglu_supported",
-    "permute", "permute_reference", "topk_indices", "unpermute", "unpermute_reference",
+    "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_supported",
+    "permute", "permute_reference", "routed_swiglu", "topk_indices", "unpermute", "unpermute_reference",
 ]
 
 _WARNED_DEVICES: set = set()
@@ -137,14 +137,18 @@ def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts:
     return torch.ops.moe.grouped_swiglu(x, w13, w2, counts)[0]
 
 
-def grouped_swiglu_gather(x: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                          counts: torch.Tensor) -> torch.Tensor:
-    """`grouped_swiglu(x[rows], w13, w2, counts)` without materialising x[rows]: x [T, d] token rows,
-    rows [N] the token of each expert-sorted row (RoutingIndex.source_tokens). Its backward returns
-    grad_x [T, d] directly (each token's rows summed), so the permute and its backward's gather-sum
-    are folded into the expert op. CPU, extension only (check `grouped_swiglu_supported`)."""
+def routed_swiglu(x: torch.Tensor, index: RoutingIndex, gate_weights: torch.Tensor, w13: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """`unpermute(grouped_swiglu(permute(x, index), w13, w2, index.tokens_per_expert), index, gate_weights)`
+    as one op: x [T, d] token rows -> [T, d], each token's gate-weighted sum of its experts' outputs, with
+    neither the [N, d] permuted rows nor the [N, d] expert outputs made or saved for backward. The
+    backward gathers grad_out's rows per expert and takes each gate's gradient from the activation
+    gradient (<grad_out[t] @ w2[e], act[r]> = <grad_out[t], y[r]>); the input gradient comes back summed
+    per token. index.tokens_per_expert must have E entries (no virtual expert). CPU, extension only
+    (check `grouped_swiglu_supported`); the reference is the three ops it fuses."""
     _load_extension()
-    return torch.ops.moe.grouped_swiglu_gather(x, rows, w13, w2, counts)[0]
+    return torch.ops.moe.routed_swiglu(x, index.dest_rows, gate_weights, w13, w2, index.tokens_per_expert,
+                                       index.num_rows)[0]
 
 
 def topk_indices(scores: torch.Tensor, k: int, backend: str = "reference") -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The C++/CUDA extension `moe._C` (moe/csrc/, built by setup.py) registers the dispatcher ops
 torch.ops.moe.{routing_index, permute, unpermute, unpermute_backward}, with CPU (and, in a CUDA
-build, CUDA) kernels, plus the CPU-only ops grouped_swiglu, grouped_swiglu_backward (experts) and
+build, CUDA) kernels, plus the CPU-only ops grouped_swiglu, routed_swiglu and their backwards (experts) and
 topk_indices (routers). It is
 imported lazily, on first use, by `_load_extension()`, which also registers their fake (meta)
 kernels and autograd formulas, so the ops work under torch.compile (fullgraph) and with autograd:
@@ -12,6 +12,9 @@ kernels and autograd formulas, so the ops work under torch.compile (fullgraph) a
 - unpermute(y, dest_rows, gate_weights): backward = unpermute_backward -> (grad_y, grad_w).
 - grouped_swiglu(x, w13, w2, counts) -> (out, h13, act): backward = grouped_swiglu_backward from
   the saved h13 and act (no double backward, like the reference's hand-written backward).
+- routed_swiglu(x, dest_rows, gate_weights, w13, w2, counts, num_rows) -> (out [T, d], h13, act):
+  permute + grouped_swiglu + unpermute in one op; backward = routed_swiglu_backward -> (grad_x,
+  grad_gate_weights, grad_w13, grad_w2). num_rows (the kept rows) sizes h13 and act for the fake kernel.
 - topk_indices(scores, k): the routers' top-k indices (CPU); integer output, no autograd.
 - routing_index: its output size (kept rows) is data dependent. The fake kernel returns a static
   size T * k when nothing can be dropped (capacity None or >= T * k) and otherwise an unbacked
@@ -155,7 +158,7 @@ def _register_dispatch_kernels(lib) -> None:
 
 
 def _register_expert_kernels(lib) -> None:
-    """grouped_swiglu(_gather), grouped_swiglu(_gather)_backward: fake kernels and autograd. topk_indices
+    """grouped_swiglu, routed_swiglu and their backwards: fake kernels and autograd. topk_indices
     (the routers' selection): its fake kernel; its output is indices, with no autograd."""
 
     @lib.register_fake("moe::topk_indices")
@@ -190,31 +193,31 @@ def _register_expert_kernels(lib) -> None:
 
     lib.register_autograd("moe::grouped_swiglu", _grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
 
-    @lib.register_fake("moe::grouped_swiglu_gather")
-    def _grouped_swiglu_gather_fake(x, rows, w13, w2, counts):
-        N, h = rows.shape[0], w2.shape[2]
-        return x.new_empty(N, w2.shape[1]), x.new_empty(N, 2 * h), x.new_empty(N, h)
+    @lib.register_fake("moe::routed_swiglu")
+    def _routed_swiglu_fake(x, dest_rows, gate_weights, w13, w2, counts, num_rows):
+        h = w2.shape[2]
+        return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(num_rows, 2 * h), x.new_empty(num_rows, h)
 
-    @lib.register_fake("moe::grouped_swiglu_gather_backward")
-    def _grouped_swiglu_gather_backward_fake(grad_out, x, rows, w13, w2, counts, h13, act):
+    @lib.register_fake("moe::routed_swiglu_backward")
+    def _routed_swiglu_backward_fake(grad_out, x, dest_rows, gate_weights, w13, w2, counts, h13, act):
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(gate_weights, memory_format=torch.contiguous_format),
                 torch.empty_like(w13, memory_format=torch.contiguous_format),
                 torch.empty_like(w2, memory_format=torch.contiguous_format))
 
-    def _grouped_swiglu_gather_setup(ctx, inputs, output):
-        x, rows, w13, w2, counts = inputs
+    def _routed_swiglu_setup(ctx, inputs, output):
+        x, dest_rows, gate_weights, w13, w2, counts, _ = inputs
         _, h13, act = output
         ctx.mark_non_differentiable(h13, act)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, rows, w13, w2, counts, h13, act)
+        ctx.save_for_backward(x, dest_rows, gate_weights, w13, w2, counts, h13, act)
 
-    def _grouped_swiglu_gather_backward(ctx, grad_out, _grad_h13, _grad_act):
-        x, rows, w13, w2, counts, h13, act = ctx.saved_tensors
+    def _routed_swiglu_backward(ctx, grad_out, _grad_h13, _grad_act):
+        x, dest_rows, gate_weights, w13, w2, counts, h13, act = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None, None
-        grad_x, grad_w13, grad_w2 = torch.ops.moe.grouped_swiglu_gather_backward(grad_out, x, rows, w13, w2, counts,
-                                                                                 h13, act)
-        return grad_x, None, grad_w13, grad_w2, None
+            return None, None, None, None, None, None, None
+        grad_x, grad_gates, grad_w13, grad_w2 = torch.ops.moe.routed_swiglu_backward(
+            grad_out, x, dest_rows, gate_weights, w13, w2, counts, h13, act)
+        return grad_x, None, grad_gates, grad_w13, grad_w2, None, None
 
-    lib.register_autograd("moe::grouped_swiglu_gather", _grouped_swiglu_gather_backward,
-                          setup_context=_grouped_swiglu_gather_setup)
+    lib.register_autograd("moe::routed_swiglu", _routed_swiglu_backward, setup_context=_routed_swiglu_setup)

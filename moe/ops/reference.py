@@ -102,6 +102,8 @@ def permute_reference(x: torch.Tensor, index: RoutingIndex) -> torch.Tensor:
 def unpermute_reference(y: torch.Tensor, index: RoutingIndex, gate_weights: torch.Tensor) -> torch.Tensor:
     dest = index.dest_rows
     valid = dest >= 0
+    if y.shape[0] == 0:  # every pair dropped: nothing to gather (index_select cannot read an empty y)
+        y = y.new_zeros(1, *y.shape[1:]) + 0 * y.sum()
     gathered = y.index_select(0, dest.clamp(min=0).reshape(-1)).view(*dest.shape, y.shape[-1])
     weights = (gate_weights * valid).to(y.dtype)
     return torch.einsum("tkd,tk->td", gathered, weights)

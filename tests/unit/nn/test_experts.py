@@ -364,101 +364,157 @@ def test_experts_module_picks_backend():
         torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------- the compiled op with the permute folded in (grouped_swiglu_gather)
+# ------------------------------- permute, experts and weighted combine in one compiled op (routed_swiglu)
 
-GATHER_CASES = {
-    "many small experts": [(7 * e) % 23 if e % 9 else 0 for e in range(96)],  # whole experts per thread
-    "few uneven experts": [300, 1, 0, 211, 64],  # the row split: permuted copy and a scatter-add
-    "all rows on one expert": [0, 500, 0],
-    "no rows": [0, 0, 0],
+# name -> (tokens T, experts E, top-k, per-expert logit bias (None: none), capacity (None: dropless))
+ROUTED_CASES = {
+    "many small experts": (256, 96, 8, [-60.0 if e % 9 == 0 else 0.0 for e in range(96)], None),  # whole experts
+    "few uneven experts": (256, 5, 1, [2.5, 0.0, -60.0, 1.5, 1.0], None),  # the row split, a scatter-add
+    "all rows on one expert": (300, 3, 1, [-60.0, 60.0, -60.0], None),
+    "k = E": (64, 4, 4, None, None),
+    "capacity drops": (200, 6, 2, None, 30),
+    "no rows": (16, 3, 2, None, 0),
 }
 
 
-def _gather_inputs(counts, T, d, h, dtype, seed=0):
+def _routed_inputs(case, d, h, dtype, seed=0):
+    """Token rows, a routing index (the extension's), gate weights and expert weights for a case."""
+    T, E, k, bias, capacity = ROUTED_CASES[case]
     g = torch.Generator().manual_seed(seed)
-    x, w13, w2 = _weights(counts, d, h, dtype, seed=seed)
-    tokens = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    rows = torch.randint(0, T, (sum(counts),), generator=g)  # any token, any number of times (k = E included)
-    return tokens, rows, w13, w2
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)
+    if bias is not None:
+        logits = logits + torch.tensor(bias, dtype=torch.float64)
+    top = logits.topk(k, dim=-1)
+    index = ops.build_routing_index(top.indices, E, capacity, None, backend="extension")
+    gates = torch.softmax(top.values, dim=-1).to(dtype).requires_grad_()
+    _, w13, w2 = _weights([0] * E, d, h, dtype, seed=seed)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, index, gates, w13, w2
+
+
+def _routed_composed(x, index, gates, w13, w2, backend="extension"):
+    """What routed_swiglu fuses: permute, the `loop` experts, unpermute (the extension's ops, or the
+    pure-PyTorch reference with backend="reference")."""
+    y = EXPERT_IMPLS["loop"].forward(ops.permute(x, index, backend=backend), w13, w2, index.tokens_per_expert,
+                                     backend)
+    return ops.unpermute(y, index, gates, backend=backend)
+
+
+def _routed_fwd_bwd(fn, inputs, threads=None, seed=1):
+    """fn(*inputs)'s output and its gradients for every input (zeros where unused), on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        out = fn(*inputs)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+        grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    finally:
+        torch.set_num_threads(previous)
+    return [out, *(torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads))]
 
 
 @needs_ext
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", GATHER_CASES)
-def test_grouped_swiglu_gather_equals_the_permuted_op(case, dtype, threads):
-    """grouped_swiglu_gather(x, rows) against grouped_swiglu(x[rows]) (whose x gradient index_select sums
-    per token), forward and all three gradients, in both thread splits; against the fp64 reference loop
-    too (bf16: the error norm at most twice the permuted op's, plus one rounding)."""
-    counts = GATHER_CASES[case]
-    tokens, rows, w13, w2 = _gather_inputs(counts, 256, 64, 48, dtype)
-    counts_t = torch.tensor(counts)
-
-    got = _fwd_bwd_on_threads(threads, lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t),
-                              tokens, w13, w2)
-    want = _fwd_bwd_on_threads(threads, lambda a, b, c: ops.grouped_swiglu(a.index_select(0, rows), b, c, counts_t),
-                               tokens, w13, w2)
+@pytest.mark.parametrize("case", ROUTED_CASES)
+def test_routed_swiglu_equals_permute_experts_unpermute(case, dtype, threads):
+    """routed_swiglu against the three ops it fuses, forward and the gradients of x, the gate weights
+    and both expert weights, in both thread splits of the backward (the many-small-experts case takes
+    whole experts per thread, the uneven one the row split: asserted through the split rule's mirror);
+    fp64 and fp32 against the pure-PyTorch reference, bf16 within twice the bf16 composition's error
+    against fp64."""
+    x, index, gates, w13, w2 = _routed_inputs(case, 64, 48, dtype)
+    counts = index.tokens_per_expert.tolist()
+    if case in ("many small experts", "few uneven experts") and threads > 1:
+        assert _whole_expert_split_fits(counts, threads) == (case == "many small experts")
+    fused = lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c)  # noqa: E731
+    got = _routed_fwd_bwd(fused, (x, gates, w13, w2), threads)
+    assert [t.dtype for t in got] == [dtype] * 5 and [t.shape for t in got] == [x.shape, x.shape, gates.shape,
+                                                                                w13.shape, w2.shape]
     if dtype != torch.bfloat16:
+        want = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
+                               (x, gates, w13, w2))
         for a, b in zip(got, want):
-            assert a.dtype == dtype and a.shape == b.shape
-            torch.testing.assert_close(a, b, **(TOL[dtype] or dict(rtol=1e-12, atol=1e-12)))
-        exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a.index_select(0, rows), b, c, counts_t),
-                         tokens, w13, w2)
-        for a, b in zip(got, exact):
             torch.testing.assert_close(a, b, **TOL[dtype])
         return
-    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a.index_select(0, rows), b, c, counts_t),
-                     *[t.detach().double().requires_grad_() for t in (tokens, w13, w2)])
-    assert all(a.dtype == dtype for a in got)
+    want = _routed_fwd_bwd(lambda a, g, b, c: _routed_composed(a, index, g, b, c), (x, gates, w13, w2), threads)
+    exact = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
+                            tuple(t.detach().double().requires_grad_() for t in (x, gates, w13, w2)))
     _assert_bf16_within_twice_the_reference(got, want, exact)
 
 
 @needs_ext
-def test_grouped_swiglu_gather_gradcheck_opcheck_and_compile():
-    counts = [2, 0, 3]
-    tokens, rows, w13, w2 = _gather_inputs(counts, 4, 4, 3, torch.float64)
-    counts_t = torch.tensor(counts)
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.grouped_swiglu_gather(a, rows, b, c, counts_t),
-                                    (tokens, w13, w2))
-    t32, r32, w13_32, w2_32 = _gather_inputs([3, 0, 4], 5, 6, 5, torch.float32)
-    c32 = torch.tensor([3, 0, 4])
-    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu_gather.default, (t32, r32, w13_32, w2_32, c32))
+def test_routed_swiglu_gradcheck_opcheck_and_compile():
+    """fp64 gradcheck (with dropped pairs), opcheck of both ops, and a fullgraph torch.compile."""
+    x, index, gates, w13, w2 = _routed_inputs("capacity drops", 4, 3, torch.float64)
+    assert index.num_dropped > 0
+    assert torch.autograd.gradcheck(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2))
+    x, index, gates, w13, w2 = _routed_inputs("k = E", 6, 5, torch.float32)
+    args = (x, index.dest_rows, gates, w13, w2, index.tokens_per_expert, index.num_rows)
+    result = torch.library.opcheck(torch.ops.moe.routed_swiglu.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
-    out, h13, act = torch.ops.moe.grouped_swiglu_gather(t32.detach(), r32, w13_32.detach(), w2_32.detach(), c32)
-    result = torch.library.opcheck(torch.ops.moe.grouped_swiglu_gather_backward.default,
-                                   (torch.randn_like(out), t32.detach(), r32, w13_32.detach(), w2_32.detach(), c32,
-                                    h13, act))
+    out, h13, act = torch.ops.moe.routed_swiglu(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    result = torch.library.opcheck(torch.ops.moe.routed_swiglu_backward.default,
+                                   (torch.randn_like(out), x.detach(), index.dest_rows, gates.detach(), w13.detach(),
+                                    w2.detach(), index.tokens_per_expert, h13, act))
     assert all(v == "SUCCESS" for v in result.values()), result
     torch._dynamo.reset()
-    fn = lambda a, b, c: ops.grouped_swiglu_gather(a, r32, b, c, c32)  # noqa: E731
+    fn = lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c)  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    for a, b in zip(_fwd_bwd(compiled, t32, w13_32, w2_32), _fwd_bwd(fn, t32, w13_32, w2_32)):
+    for a, b in zip(_routed_fwd_bwd(compiled, (x, gates, w13, w2)), _routed_fwd_bwd(fn, (x, gates, w13, w2))):
         torch.testing.assert_close(a, b)
 
 
 @needs_ext
-def test_grouped_swiglu_gather_rejects_bad_rows():
-    tokens, rows, w13, w2 = _gather_inputs([3, 2], 4, 4, 3, torch.float32)
-    with pytest.raises(RuntimeError, match=r"rows holds a token outside \[0, 4\)"):
-        ops.grouped_swiglu_gather(tokens, torch.tensor([0, 1, 2, 3, 4]), w13, w2, torch.tensor([3, 2]))
-    with pytest.raises(RuntimeError, match="counts sum to 4 but x has 5 rows"):
-        ops.grouped_swiglu_gather(tokens, rows, w13, w2, torch.tensor([2, 2]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routed_swiglu_cpu_isa_variants_identical(dtype):
+    """The gate kernels (combine_rows, gate_rows) of the baseline and AVX2 builds agree bitwise."""
+    from tests.helpers import assert_cpu_isa_variants_identical
+
+    x, index, gates, w13, w2 = _routed_inputs("many small experts", 45, 16, dtype)
+    assert_cpu_isa_variants_identical(
+        lambda: _routed_fwd_bwd(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2)))
 
 
 @needs_ext
-def test_experts_gather_only_where_forward_would_run_the_compiled_op():
-    """Experts.forward_gathered equals forward on the permuted rows with the extension on CPU, and
-    declines (None: the layer permutes) with the reference backend, under autocast, or while hooks wrap
-    forward (the expert-parallel exchange)."""
-    torch.manual_seed(0)
-    tokens, rows, counts = torch.randn(40, 16), torch.randint(0, 40, (60,)), torch.tensor([20, 0, 25, 15])
-    ext = Experts(4, 16, 8, 0.02, 0.02, impl="auto", backend="extension")
-    torch.testing.assert_close(ext.forward_gathered(tokens, rows, counts), ext(tokens[rows], counts))
-    ref = Experts(4, 16, 8, 0.02, 0.02, impl="auto", backend="reference")
-    assert ref.forward_gathered(tokens, rows, counts) is None
+def test_routed_swiglu_rejects_a_bad_index():
+    """A routing index that is not one-to-one onto the counted rows, or mismatched shapes: one clear error."""
+    x, index, gates, w13, w2 = _routed_inputs("k = E", 4, 3, torch.float32)
+    dest, counts, n = index.dest_rows, index.tokens_per_expert, index.num_rows
+    op = torch.ops.moe.routed_swiglu
+    twice = dest.clone()
+    twice[0, 0] = twice[1, 0]
+    outside = dest.clone()
+    outside[0, 0] = n
+    for bad in (twice, outside):
+        with pytest.raises(RuntimeError, match="one to one onto the rows"):
+            op(x, bad, gates, w13, w2, counts, n)
+    with pytest.raises(RuntimeError, match="counts sum to"):
+        op(x, dest, gates, w13, w2, counts + 1, n)
+    with pytest.raises(RuntimeError, match="gate_weights must be floating"):
+        op(x, dest, gates[:, :2], w13, w2, counts, n)
+    with pytest.raises(RuntimeError, match="a row per token of x"):
+        op(x[:-1], dest, gates, w13, w2, counts, n)
+
+
+@needs_ext
+def test_experts_route_only_where_forward_would_run_the_compiled_op():
+    """Experts.forward_routed equals permute -> forward -> unpermute with the extension on CPU, and
+    declines (None: the layer permutes) with the reference backend, under autocast, while hooks wrap
+    forward (the expert-parallel exchange), or with a virtual expert of unused slots (E + 1 counts)."""
+    x, index, gates, _, _ = _routed_inputs("capacity drops", 16, 8, torch.float32)
+    ext = Experts(6, 16, 8, 0.02, 0.02, impl="auto", backend="extension")
+    want = ops.unpermute(ext(ops.permute(x, index, backend="extension"), index.tokens_per_expert), index, gates,
+                         backend="extension")
+    torch.testing.assert_close(ext.forward_routed(x, index, gates), want)
+    ref = Experts(6, 16, 8, 0.02, 0.02, impl="auto", backend="reference")
+    assert ref.forward_routed(x, index, gates) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ext.forward_gathered(tokens, rows, counts) is None
+        assert ext.forward_routed(x, index, gates) is None
     handle = ext.register_forward_pre_hook(lambda module, args: None)
-    assert ext.forward_gathered(tokens, rows, counts) is None
+    assert ext.forward_routed(x, index, gates) is None
     handle.remove()
-    assert ext.forward_gathered(tokens, rows, counts) is not None
+    assert ext.forward_routed(x, index, gates) is not None
+    virtual = ops.build_routing_index(torch.full((16, 2), 6).scatter(1, torch.zeros(16, 1, dtype=torch.long), 1), 7,
+                                      None, None, backend="extension")
+    assert ext.forward_routed(x, virtual, gates[:, :2]) is None

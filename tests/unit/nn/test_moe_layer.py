@@ -156,16 +156,18 @@ def test_routed_scaling_factor_scales_the_routed_experts_only():
 
 
 @pytest.mark.skipif(not ops.extension_available(), reason="moe._C is not built")
-@pytest.mark.parametrize("overrides,gathers", [((), True), (("model.moe.capacity_factor=1.0", "model.moe.min_capacity=1"), True),
-                                               (("model.moe.random_routing=true",), False)],
+@pytest.mark.parametrize("overrides,fused", [((), True), (("model.moe.capacity_factor=1.0", "model.moe.min_capacity=1"), True),
+                                             (("model.moe.random_routing=true",), False)],
                          ids=["dropless", "capacity", "slot_mask"])
-def test_extension_layer_folds_the_permute_into_the_experts(overrides, gathers, monkeypatch):
-    """With the extension on CPU the experts gather their rows themselves (no permute op, no [N, d]
-    copy), dropless or under a capacity; with unused slots (a virtual expert's rows) the layer permutes.
-    test_extension_layer_matches_reference checks the numbers of both paths against the reference."""
+def test_extension_layer_fuses_permute_experts_and_combine(overrides, fused, monkeypatch):
+    """With the extension on CPU permute, experts and unpermute are one op (no permute or unpermute op,
+    no [N, d] rows), dropless or under a capacity; with unused slots (a virtual expert's rows) the layer
+    runs the three ops. test_extension_layer_matches_reference checks the numbers of both paths against
+    the reference."""
     layer = MoELayer(16, 32, moe_cfg("model.moe.dispatch=extension", *overrides), 0.02, 0.02).train()
-    permuted = []
-    real_permute = ops.permute
-    monkeypatch.setattr(ops, "permute", lambda *a, **k: permuted.append(1) or real_permute(*a, **k))
+    calls = []
+    for name in ("permute", "unpermute"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     layer(torch.randn(2, 40, 16)).sum().backward()
-    assert bool(permuted) != gathers
+    assert calls == ([] if fused else ["permute", "unpermute"])
