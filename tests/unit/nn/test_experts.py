@@ -444,6 +444,20 @@ def test_routed_swiglu_equals_permute_experts_unpermute(case, dtype, threads):
 
 
 @needs_ext
+def test_routed_swiglu_takes_fp32_gates_with_bf16_rows():
+    """The routers run in fp32 whatever the model dtype: bf16 rows with fp32 gate weights give a bf16
+    output and an fp32 gate gradient, within twice the bf16 composition's error against fp64."""
+    x, index, gates, w13, w2 = _routed_inputs("many small experts", 64, 48, torch.bfloat16)
+    gates = gates.detach().float().requires_grad_()
+    got = _routed_fwd_bwd(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2))
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    want = _routed_fwd_bwd(lambda a, g, b, c: _routed_composed(a, index, g, b, c), (x, gates, w13, w2))
+    exact = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
+                            tuple(t.detach().double().requires_grad_() for t in (x, gates, w13, w2)))
+    _assert_bf16_within_twice_the_reference(got, want, exact)
+
+
+@needs_ext
 def test_routed_swiglu_gradcheck_opcheck_and_compile():
     """fp64 gradcheck (with dropped pairs), opcheck of both ops, and a fullgraph torch.compile."""
     x, index, gates, w13, w2 = _routed_inputs("capacity drops", 4, 3, torch.float64)
