@@ -286,6 +286,23 @@ void gather_sum_t(const scalar_t* y, int64_t y_stride, const int64_t* dest, cons
 #endif
 constexpr int64_t kSmallRowBytes = MOE_CPU_SMALL_ROW_BYTES;
 
+// A dot product in a fixed order: lanes[l] += a[q] * b[q] for q = l (mod kLanes) over n elements (the
+// tail into the first lanes), then the lanes summed pairwise: the same result whatever the vector width.
+template <typename acc_t>
+inline void dot_lanes(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n, acc_t* lanes) {
+  int64_t q = 0;
+  for (; q + kLanes <= n; q += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[q + l] * b[q + l];
+  for (int l = 0; q < n; ++q, ++l) lanes[l] += a[q] * b[q];
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(acc_t* lanes) {
+  for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
+    for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
+  return lanes[0];
+}
+
 // n elements of a row in the accumulation type: the row itself when it has that type, else converted into buf.
 inline const float* row_as_acc(const float* row, float*, int64_t) { return row; }
 inline const double* row_as_acc(const double* row, double*, int64_t) { return row; }
@@ -328,13 +345,8 @@ void unpermute_bwd_small_rows(const scalar_t* g, int64_t g_stride, const scalar_
       const acc_t* __restrict__ gs = row_as_acc(g + (i / k) * g_stride, gbuf, d);
       const acc_t* __restrict__ ys = row_as_acc(y + r * y_stride, ybuf, d);
       acc_t lanes[kLanes] = {};
-      int64_t q = 0;
-      for (; q + kLanes <= d; q += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += gs[q + l] * ys[q + l];
-      for (int l = 0; q < d; ++q, ++l) lanes[l] += gs[q] * ys[q];
-      for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
-        for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
-      gw[i] = lanes[0];
+      dot_lanes(gs, ys, d, lanes);
+      gw[i] = sum_lanes(lanes);
       const acc_t wv = static_cast<acc_t>(w[i]);
       if constexpr (kSame) {
         if (!stream) {

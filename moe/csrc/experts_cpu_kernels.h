@@ -118,6 +118,7 @@ inline void swiglu_bwd_block(const double* __restrict__ ga, const double* __rest
 }
 
 constexpr int64_t kSwigluBlock = 256;  // elements converted at a time for bf16 / fp16
+static_assert(kSwigluBlock % kLanes == 0, "a block's dot product ends on whole lanes");
 
 template <typename scalar_t>
 void swiglu_fwd_t(const scalar_t* h13, int64_t ld_h13, int64_t rows, int64_t h, scalar_t* act, int64_t ld_act) {
@@ -221,25 +222,17 @@ void gate_rows_t(scalar_t* ga, const scalar_t* act, const acc_t* gates, int64_t 
     const scalar_t* ar = act + r * h;
     acc_t lanes[kLanes] = {};
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      int64_t q = 0;
-      for (; q + kLanes <= h; q += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += gar[q + l] * ar[q + l];
-      for (int l = 0; q < h; ++q, ++l) lanes[l] += gar[q] * ar[q];
+      dot_lanes(gar, ar, h, lanes);
     } else {
-      acc_t gb[kSwigluBlock], ab[kSwigluBlock];
+      acc_t gb[kSwigluBlock], ab[kSwigluBlock];  // kSwigluBlock is a multiple of kLanes
       for (int64_t c = 0; c < h; c += kSwigluBlock) {
         const int64_t n = std::min(kSwigluBlock, h - c);
         to_acc(gar + c, gb, n);
         to_acc(ar + c, ab, n);
-        int64_t q = 0;
-        for (; q + kLanes <= n; q += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] += gb[q + l] * ab[q + l];
-        for (int l = 0; q < n; ++q, ++l) lanes[l] += gb[q] * ab[q];
+        dot_lanes(gb, ab, n, lanes);
       }
     }
-    for (int s2 = kLanes / 2; s2 > 0; s2 /= 2)
-      for (int l = 0; l < s2; ++l) lanes[l] += lanes[l + s2];
-    grad_gates[r] = lanes[0];
+    grad_gates[r] = sum_lanes(lanes);
     scale_row(gar, h, gates[r]);
     scale_row(go + r * d, d, gates[r]);
   }
