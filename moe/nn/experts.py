@@ -14,7 +14,8 @@ The backends:
 - `loop`: one GEMM per non-empty expert over its contiguous slice (best on CPU, no padding). With the
   extension backend on CPU it runs as one compiled op (`moe.ops.grouped_swiglu`, moe/csrc/experts_cpu.cpp:
   every thread runs single-threaded GEMMs on an equal share of rows, and a fused SwiGLU); the Python
-  `_GroupedSwiGLU` below is its reference.
+  `_GroupedSwiGLU` below is its reference. There `Experts.forward_routed` also takes the permute and
+  the weighted combine into one op (`moe.ops.routed_swiglu`), from token rows to token rows.
 - `padded`: pad every expert to the largest segment and run one batched GEMM (wasted FLOPs, one call).
 - `grouped`: `torch._grouped_mm`, one call per projection for all experts, the segment offsets read
   on the device: no host sync. CUTLASS kernels on Hopper-class GPUs in bf16 (`auto` picks it there),
