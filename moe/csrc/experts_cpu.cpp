@@ -371,7 +371,7 @@ void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* rou
   const Tensor &grad_act = tmp[0], &grad_h13 = tmp[1];
   char* gap = static_cast<char*>(grad_act.mutable_data_ptr());
   char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
-  char* gop = static_cast<char*>(go.mutable_data_ptr());
+  char* gop = routed ? static_cast<char*>(go.mutable_data_ptr()) : nullptr;  // scaled in place: routed only
   const char* gates = routed ? static_cast<const char*>(routed->rows.gates.const_data_ptr()) : nullptr;
   char* grad_gates = routed ? static_cast<char*>(routed->grad_gates.mutable_data_ptr()) : nullptr;
   const int64_t ges = routed ? static_cast<int64_t>(routed->grad_gates.element_size()) : 0;
