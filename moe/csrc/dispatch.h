@@ -60,6 +60,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_swiglu_backwar
 at::Tensor topk_indices_cpu(const at::Tensor& scores, int64_t k);
 
 // ---- CPU row kernels, one set per instruction set (dispatch_cpu_kernels.h)
+
+// An fp32 operand of the CPU GEMM: element (r, c) of the [R, C] matrix it stands for is
+// p[(idx ? idx[o] : o) * ld + i] with (o, i) = (r, c), or (c, r) when trans. idx lets the GEMM read
+// token rows in place (the gather folded into its packing).
+struct GemmOperand {
+  const float* p;
+  int64_t ld;
+  bool trans;
+  const int64_t* idx;
+};
+// Where the GEMM's [M, N] result goes: row i at p + (idx ? idx[i] : i) * ld, times alpha[i] (nullptr: 1),
+// stored or (accumulate) added. stream: write-once output, stored around the caches (when not accumulating
+// and K fits one pass); for weight gradients nobody reads until the optimizer.
+struct GemmOutput {
+  float* p;
+  int64_t ld;
+  const int64_t* idx;
+  const float* alpha;
+  bool accumulate;
+  bool stream;
+};
+
 struct CpuRowKernels {
   const char* isa;
   void (*gather_sum)(at::ScalarType dtype, const void* y, int64_t y_stride, const int64_t* dest, const void* w,
@@ -86,6 +108,8 @@ struct CpuRowKernels {
   void (*topk_vectors)(const float* s, int64_t token_stride, int64_t expert_stride, int64_t t0, int64_t t1, int64_t E,
                        int64_t k, int64_t* out);
   int64_t topk_lanes;
+  // fp32 GEMM of the expert ops (gemm_cpu_kernels.h), nullptr in the baseline build (the ops call ATen's).
+  void (*sgemm)(int64_t M, int64_t N, int64_t K, const GemmOperand& A, const GemmOperand& B, const GemmOutput& C);
 };
 constexpr int64_t kTopkMaxK = 16;  // the vector top-k keeps k (score, index) vectors in registers
 // AVX2 + F16C build (dispatch_cpu_avx2.cpp), or nullptr when it could not be compiled.
@@ -94,6 +118,11 @@ const CpuRowKernels* avx2_row_kernels();
 // baseline); set_cpu_isa("base" | "avx2") switches at run time (tests), false if unavailable.
 const CpuRowKernels& cpu_row_kernels();
 bool set_cpu_isa(const std::string& isa);
+// Which GEMM the fp32 expert ops use where the kernels in use have one (cpu_row_kernels().sgemm): "own"
+// (default) or "aten" (MOE_CPU_GEMM=aten in the environment; set_cpu_gemm switches at run time, for tests
+// and A/B benchmarks). cpu_gemm() names the one in use: "aten" also when the kernels have none.
+const char* cpu_gemm();
+bool set_cpu_gemm(const std::string& name);
 
 // ---- helpers shared by the CPU and CUDA bindings (defined in dispatch_cpu.cpp)
 

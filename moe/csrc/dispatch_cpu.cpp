@@ -119,11 +119,12 @@ namespace {
 
 const CpuRowKernels kBaseKernels{"base",         &base::gather_sum, &base::unpermute_bwd,
                                  &base::permute, &base::swiglu_fwd, &base::swiglu_bwd, &base::combine_rows, &base::gate_rows,
-                                 &base::topk_vectors, base::kLanesF};
+                                 &base::topk_vectors, base::kLanesF, nullptr};
 
 bool cpu_supports_avx2() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // FMA for the expert GEMM (gemm_cpu_kernels.h); every AVX2 CPU in use has it
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
@@ -153,6 +154,26 @@ bool set_cpu_isa(const std::string& isa) {
     return true;
   }
   return false;
+}
+
+namespace {
+std::atomic<bool>& own_gemm_wanted() {
+  static std::atomic<bool> wanted{[] {
+    const char* env = std::getenv("MOE_CPU_GEMM");
+    return env == nullptr || std::string(env) != "aten";
+  }()};
+  return wanted;
+}
+}  // namespace
+
+const char* cpu_gemm() {
+  return own_gemm_wanted().load(std::memory_order_relaxed) && cpu_row_kernels().sgemm != nullptr ? "own" : "aten";
+}
+
+bool set_cpu_gemm(const std::string& name) {
+  if (name != "own" && name != "aten") return false;
+  own_gemm_wanted().store(name == "own");
+  return name == "aten" || cpu_row_kernels().sgemm != nullptr;
 }
 
 // --------------------------------------------------------------------------------- routing index

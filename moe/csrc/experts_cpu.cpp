@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -228,6 +229,16 @@ RoutedRows routed_rows(const Tensor& dest_rows, const Tensor& gate_weights, int6
 
 at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// fp32 with the compiled GEMM (the AVX2 build): the GEMMs read token rows in place through their row
+// indices and write the routed outputs straight into the tokens' accumulator rows (gemm_cpu_kernels.h).
+// Otherwise (fp64, bf16, fp16, the baseline build) ATen's GEMM on gathered copies.
+bool compiled_gemm(const CpuRowKernels& k, at::ScalarType dtype) {
+  return k.sgemm != nullptr && dtype == at::kFloat && cpu_gemm()[0] == 'o';
+}
+
+const float* f32(const Tensor& t) { return t.const_data_ptr<float>(); }
+float* f32_mut(const Tensor& t) { return t.mutable_data_ptr<float>(); }
+
 // dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
 void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
   for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
@@ -263,11 +274,23 @@ std::tuple<Tensor, Tensor, Tensor> forward_rows(const Tensor& x_in, const Routed
   const char* gates = routed ? static_cast<const char*>(routed->gates.const_data_ptr()) : nullptr;
   const int64_t ges = routed ? static_cast<int64_t>(routed->gates.element_size()) : 0;
   Tensor out = routed ? at::zeros({parts, T, s.d}, opts.dtype(acc_type(dtype))) : at::empty({s.N, s.d}, opts);
+  const bool own = compiled_gemm(k, dtype);
   run_parts(parts, [&](int64_t p, int64_t) {
     const int64_t mp = std::min(max_piece, s.N / parts + 1);
-    const std::vector<Tensor> buf = routed ? scratch({{mp, s.d}, {mp, s.d}}, opts) : std::vector<Tensor>{};
+    const std::vector<Tensor> buf = routed && !own ? scratch({{mp, s.d}, {mp, s.d}}, opts) : std::vector<Tensor>{};
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
+      if (own) {  // h13 = x rows @ w13[e]^T; SwiGLU; out rows (or the tokens' rows += gate *) act @ w2[e]^T
+        k.sgemm(m, 2 * s.h, s.d, GemmOperand{routed ? f32(x) : f32(x) + lo * s.d, s.d, false, routed ? tokens + lo : nullptr},
+                GemmOperand{f32(w13) + e * 2 * s.h * s.d, s.d, true, nullptr},
+                GemmOutput{f32_mut(h13) + lo * 2 * s.h, 2 * s.h, nullptr, nullptr, false, false});
+        k.swiglu_fwd(dtype, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h, actp + lo * s.h * es, s.h);
+        const GemmOutput to = routed ? GemmOutput{f32_mut(out) + p * T * s.d, s.d, tokens + lo, f32(routed->gates) + lo, true, false}
+                                     : GemmOutput{f32_mut(out) + lo * s.d, s.d, nullptr, nullptr, false, false};
+        k.sgemm(m, s.d, s.h, GemmOperand{f32(act) + lo * s.h, s.h, false, nullptr},
+                GemmOperand{f32(w2) + e * s.d * s.h, s.h, true, nullptr}, to);
+        return;
+      }
       Tensor x_rows = routed ? buf[0].narrow(0, 0, m) : x.narrow(0, lo, m);
       if (routed) gather_rows(xp, tokens + lo, m, s.d * es, static_cast<char*>(x_rows.mutable_data_ptr()));
       Tensor h13_rows = h13.narrow(0, lo, m), act_rows = act.narrow(0, lo, m);
@@ -314,10 +337,12 @@ void backward_whole_experts(const Tensor& go, const Tensor& x, const RoutedGrad*
   const char* gates = routed ? static_cast<const char*>(routed->rows.gates.const_data_ptr()) : nullptr;
   char* grad_gates = routed ? static_cast<char*>(routed->grad_gates.mutable_data_ptr()) : nullptr;
   const int64_t ges = routed ? static_cast<int64_t>(routed->grad_gates.element_size()) : 0;
+  const bool own = compiled_gemm(k, dtype);
   run_parts(static_cast<int64_t>(owners.size()) - 1, [&](int64_t p, int64_t) {
     const int64_t mr = max_segment(offs, owners[p], owners[p + 1]);
     std::vector<std::pair<int64_t, int64_t>> shapes{{mr, s.h}, {mr, 2 * s.h}};
-    if (routed) shapes.insert(shapes.end(), {{mr, s.d}, {mr, s.d}, {mr, s.d}});  // x, grad_x, grad_out rows
+    if (routed && own) shapes.push_back({mr, s.h});  // act rows times the gates
+    if (routed && !own) shapes.insert(shapes.end(), {{mr, s.d}, {mr, s.d}, {mr, s.d}});  // x, grad_x, grad_out rows
     const std::vector<Tensor> buf = scratch(shapes, opts);
     char* bap = static_cast<char*>(buf[0].mutable_data_ptr());
     char* bgp = static_cast<char*>(buf[1].mutable_data_ptr());
@@ -327,6 +352,31 @@ void backward_whole_experts(const Tensor& go, const Tensor& x, const RoutedGrad*
       if (c == 0) {
         gw13.zero_();
         gw2.zero_();
+        continue;
+      }
+      if (own) {  // the five GEMMs reading x and grad_out rows in place (routed: through the tokens)
+        const int64_t* tok = routed ? tokens + lo : nullptr;
+        const float* x_rows = routed ? f32(x) : f32(x) + lo * s.d;
+        const float* go_rows = routed ? f32(go) : f32(go) + lo * s.d;
+        const float* gh = f32(buf[1]);
+        const float* act_rows = f32(act) + lo * s.h;
+        k.sgemm(c, s.h, s.d, GemmOperand{go_rows, s.d, false, tok}, GemmOperand{f32(w2) + e * s.d * s.h, s.h, false, nullptr},
+                GemmOutput{f32_mut(buf[0]), s.h, nullptr, nullptr, false, false});
+        if (routed) {  // the gates' gradients; grad_act and a copy of act times the gates (grad_w2 = go^T (gate act))
+          float* gated_act = f32_mut(buf[2]);
+          std::memcpy(gated_act, act_rows, static_cast<size_t>(c * s.h) * sizeof(float));
+          k.gate_rows(dtype, bap, act_rows, gates + lo * ges, c, s.h, grad_gates + lo * ges, gated_act, s.h);
+          act_rows = gated_act;
+        }
+        k.swiglu_bwd(dtype, bap, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, c, s.h, bgp, 2 * s.h);
+        const GemmOutput gx = routed ? GemmOutput{f32_mut(grad_x) + p * x.size(0) * s.d, s.d, tok, nullptr, true, false}
+                                     : GemmOutput{f32_mut(grad_x) + lo * s.d, s.d, nullptr, nullptr, false, false};
+        k.sgemm(c, s.d, 2 * s.h, GemmOperand{gh, 2 * s.h, false, nullptr},
+                GemmOperand{f32(w13) + e * 2 * s.h * s.d, s.d, false, nullptr}, gx);
+        k.sgemm(2 * s.h, s.d, c, GemmOperand{gh, 2 * s.h, true, nullptr}, GemmOperand{x_rows, s.d, false, tok},
+                GemmOutput{f32_mut(gw13), s.d, nullptr, nullptr, false, true});
+        k.sgemm(s.d, s.h, c, GemmOperand{go_rows, s.d, true, tok}, GemmOperand{act_rows, s.h, false, nullptr},
+                GemmOutput{f32_mut(gw2), s.h, nullptr, nullptr, false, true});
         continue;
       }
       Tensor ga = buf[0].narrow(0, 0, c), gh = buf[1].narrow(0, 0, c);

@@ -78,11 +78,25 @@ static PyObject* moe_set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_FALSE;
 }
 
+static PyObject* moe_cpu_gemm(PyObject*, PyObject*) { return PyUnicode_FromString(moe::cpu_gemm()); }
+
+static PyObject* moe_set_cpu_gemm(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (moe::set_cpu_gemm(name)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 static PyMethodDef moe_methods[] = {
     {"cuda_compiled", moe_cuda_compiled, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cpu_isa", moe_cpu_isa, METH_NOARGS, "Instruction set of the CPU row kernels in use: 'avx2' or 'base'."},
     {"set_cpu_isa", moe_set_cpu_isa, METH_O,
      "Use the 'base' or 'avx2' CPU row kernels (for tests); False when unavailable on this machine."},
+    {"cpu_gemm", moe_cpu_gemm, METH_NOARGS,
+     "GEMM of the fp32 expert ops: 'own' (the AVX2 build's, gemm_cpu_kernels.h) or 'aten'."},
+    {"set_cpu_gemm", moe_set_cpu_gemm, METH_O,
+     "Use the 'own' or 'aten' GEMM in the fp32 expert ops (tests, A/B benchmarks); False when 'own' is "
+     "unavailable with the kernels in use."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -21,7 +21,10 @@ is reported by a device-side assert; a capacity that can drop syncs once for the
 
 CPU kernels are built for the baseline ISA and for AVX2+F16C (picked at run time; MOE_CPU_ISA=base
 forces the baseline; both give bitwise identical results); MOE_NO_THP_HINT=1 turns off the
-transparent-huge-page hint on large fresh outputs. See moe/csrc/ and benchmarks/dispatch.py.
+transparent-huge-page hint on large fresh outputs. The AVX2 build also has its own fp32 GEMM for the
+expert ops (FMA; it reads token rows in place and adds the gated outputs into the tokens' rows):
+results equal ATen's GEMM within fp32 rounding, not bitwise; MOE_CPU_GEMM=aten uses ATen's instead.
+See moe/csrc/ and benchmarks/dispatch.py.
 """
 from __future__ import annotations
 

@@ -131,6 +131,18 @@ COUNTS = [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2], [0, 0, 0, 0],
 TOL = {torch.float64: {}, torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
+def _assert_matches(got, want):
+    """fp64 to rounding; fp32 within rtol 1e-4 and an atol of 1e-5 of the tensor's largest value: the
+    compiled fp32 GEMM (AVX2 build) rounds once per multiply-add and sums in its own order, so it meets
+    ATen's GEMM within rounding, not bitwise, and an element that cancels keeps the absolute error of
+    the large terms it sums."""
+    if want.dtype != torch.float32:
+        torch.testing.assert_close(got, want, **TOL[want.dtype])
+        return
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
 def _weights(counts, d, h, dtype, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     E, n = len(counts), sum(counts)
@@ -188,7 +200,7 @@ def test_grouped_swiglu_extension_matches_reference(counts, dtype):
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
             assert a.dtype == dtype
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            _assert_matches(a, b)
         return
     exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, torch.tensor(counts)),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
@@ -216,7 +228,7 @@ def test_grouped_swiglu_matches_reference_for_any_counts(counts, d, h, dtype, th
     want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t), x, w13, w2)
     if dtype != torch.bfloat16:
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            _assert_matches(a, b)
         return
     exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t),
                      *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
@@ -240,7 +252,7 @@ def test_grouped_swiglu_extreme_gates():
     got = _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2)
     want = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, torch.tensor(counts)), x, w13, w2)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        _assert_matches(a, b)
     inf = torch.tensor([[float("inf"), 100.0, -100.0, float("nan"), 1.0, 1.0, 1.0, 1.0]])
     eye13 = torch.eye(8).unsqueeze(0)  # h = 4: gates are the first 4 inputs, ups the last 4
     out = ops.grouped_swiglu(inf, eye13, torch.eye(8, 4).unsqueeze(0), torch.tensor([1]))
@@ -308,14 +320,16 @@ def test_grouped_swiglu_backward_both_thread_splits(case, threads):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grouped_swiglu_cpu_isa_variants_identical(dtype):
-    """The fused SwiGLU of the baseline and AVX2 builds give bitwise identical results."""
+    """The fused SwiGLU of the baseline and AVX2 builds give bitwise identical results in bf16 (ATen's
+    GEMM in both); in fp32 the AVX2 build's own GEMM (FMA) agrees within rounding."""
     from tests.helpers import assert_cpu_isa_variants_identical
 
     counts = [20, 0, 13]
     x, w13, w2 = _weights(counts, 16, 45, dtype, scale=3.0)
     counts_t = torch.tensor(counts)
     assert_cpu_isa_variants_identical(
-        lambda: _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2))
+        lambda: _fwd_bwd(lambda a, b, c: ops.grouped_swiglu(a, b, c, counts_t), x, w13, w2),
+        compare=_assert_matches if dtype == torch.float32 else torch.equal)
 
 
 @needs_ext
@@ -435,7 +449,7 @@ def test_routed_swiglu_equals_permute_experts_unpermute(case, dtype, threads):
         want = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
                                (x, gates, w13, w2))
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            _assert_matches(a, b)
         return
     want = _routed_fwd_bwd(lambda a, g, b, c: _routed_composed(a, index, g, b, c), (x, gates, w13, w2), threads)
     exact = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
@@ -482,12 +496,83 @@ def test_routed_swiglu_gradcheck_opcheck_and_compile():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_routed_swiglu_cpu_isa_variants_identical(dtype):
-    """The gate kernels (combine_rows, gate_rows) of the baseline and AVX2 builds agree bitwise."""
+    """The gate kernels (combine_rows, gate_rows) of the baseline and AVX2 builds agree bitwise in bf16
+    (ATen's GEMM in both); in fp32 the AVX2 build's own GEMM (FMA) agrees within rounding."""
     from tests.helpers import assert_cpu_isa_variants_identical
 
     x, index, gates, w13, w2 = _routed_inputs("many small experts", 45, 16, dtype)
     assert_cpu_isa_variants_identical(
-        lambda: _routed_fwd_bwd(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2)))
+        lambda: _routed_fwd_bwd(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2)),
+        compare=_assert_matches if dtype == torch.float32 else torch.equal)
+
+
+@pytest.fixture(params=["own", "aten"])
+def cpu_gemm(request):
+    """Each GEMM the fp32 expert ops can run in turn: the AVX2 build's own (gemm_cpu_kernels.h) and ATen's."""
+    import moe._C as C
+
+    start = C.cpu_gemm()
+    try:
+        if not C.set_cpu_gemm(request.param):
+            pytest.skip("no own GEMM with the kernels in use (baseline build, or a CPU without AVX2 + FMA)")
+        assert C.cpu_gemm() == request.param
+        yield request.param
+    finally:
+        C.set_cpu_gemm(start)
+
+
+# Shapes that cross every blocking edge of the own GEMM (6 x 16 tiles, K slices of 256, A blocks of 144
+# rows): a segment of 300 rows (3 A blocks; its weight gradients sum 2 K slices), d = 270 (2 K slices;
+# a 14-column tail panel), h = 40 (an 8-column tail), an empty expert, a 7-row one (a partial tile).
+GEMM_COUNTS, GEMM_D, GEMM_H = [300, 7, 0, 161], 270, 40
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_grouped_swiglu_gemms_match_fp64_reference(cpu_gemm, threads):
+    """grouped_swiglu in fp32 with either GEMM against the fp64 reference loop, forward and the three
+    gradients (1 thread: whole experts in the backward, so the own GEMM runs all five products; 2: the
+    row split for these uneven experts)."""
+    x, w13, w2 = _weights(GEMM_COUNTS, GEMM_D, GEMM_H, torch.float32)
+    counts_t = torch.tensor(GEMM_COUNTS)
+    got = _compiled_fwd_bwd(counts_t, x, w13, w2, threads)
+    exact = _fwd_bwd(lambda a, b, c: EXPERT_IMPLS["loop"].forward(a, b, c, counts_t),
+                     *[t.detach().double().requires_grad_() for t in (x, w13, w2)])
+    for a, c in zip(got, exact):
+        assert a.dtype == torch.float32
+        _assert_matches(a, c.float())
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["many small experts", "all rows on one expert", "capacity drops"])
+def test_fp32_routed_swiglu_gemms_match_fp64_reference(cpu_gemm, case, threads):
+    """routed_swiglu in fp32 with either GEMM against the fp64 reference composition at d = 270, h = 40
+    (the own GEMM reads the token rows through the routing index and adds the gated outputs and the
+    input gradients into the tokens' rows): forward and the gradients of x, the gates and both weights."""
+    x, index, gates, w13, w2 = _routed_inputs(case, GEMM_D, GEMM_H, torch.float32)
+    got = _routed_fwd_bwd(lambda a, g, b, c: ops.routed_swiglu(a, index, g, b, c), (x, gates, w13, w2), threads)
+    exact = _routed_fwd_bwd(lambda *t: _routed_composed(*t[:1], index, *t[1:], backend="reference"),
+                            tuple(t.detach().double().requires_grad_() for t in (x, gates, w13, w2)))
+    for a, c in zip(got, exact):
+        assert a.dtype == torch.float32
+        _assert_matches(a, c.float())
+
+
+@needs_ext
+def test_cpu_gemm_switch():
+    """set_cpu_gemm takes "own" or "aten" only, and "own" only where the kernels in use have it."""
+    import moe._C as C
+
+    start, isa = C.cpu_gemm(), C.cpu_isa()
+    try:
+        assert not C.set_cpu_gemm("mkl")
+        assert C.set_cpu_gemm("aten") and C.cpu_gemm() == "aten"
+        assert C.set_cpu_isa("base")
+        assert not C.set_cpu_gemm("own") and C.cpu_gemm() == "aten"  # the baseline build has none
+    finally:
+        C.set_cpu_isa(isa)
+        C.set_cpu_gemm(start)
 
 
 @needs_ext
