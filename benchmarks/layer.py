@@ -7,6 +7,11 @@ Compared at every --shape E:k:h (E experts of hidden h, top-k; default 8:2:1024,
 coarse to fine-grained) and every T in --tokens, with d = --d-model (512):
 
 - dense:            a SwiGLU FFN of hidden k * h: the same active FLOPs per token;
+- dense, our kernels: the same FFN computed by the MoE layer's compiled expert op as one expert over every
+                    token (when the extension is built): the same GEMM and SwiGLU kernels as `ours`. On
+                    CPU the extension's fp32 GEMM is its own, not ATen's (MKL), and can be faster than
+                    it, so "x our dense" (ours over this row) is the MoE layer's own overhead with no
+                    difference of GEMM libraries in it: the stricter of the two ratios when it is larger;
 - ours dropless:    moe.nn.moe_layer.MoELayer, top-2 softmax router, no capacity (the training default);
 - ours cf=1.0:      the same with capacity factor 1.0 (tokens over capacity dropped);
 - ours + _grouped_mm: ours dropless with the experts as torch._grouped_mm (model.moe.experts_impl=grouped,
@@ -18,7 +23,7 @@ coarse to fine-grained) and every T in --tokens, with d = --d-model (512):
 Each measurement is the median of --reps timed forward+backward passes (backward of a fixed random
 gradient of the output) after warmup; implementations take turns inside every round so machine noise
 hits all alike. "x dense" is the median over rounds of the time over dense's time in the same round,
-with its quartiles (p25-p75) to show the noise left.
+with its quartiles (p25-p75) to show the noise left; "x our dense" the same against `dense, our kernels`.
 By default the parameter gradients accumulate from pass to pass (each backward adds into .grad, as
 under gradient accumulation; the MoE layers have E/k times the parameters of dense, and on the 2-core
 dev VM that add cost them ~10% of a T=1024 pass at 8:2:1024); --zero-grad sets them to None before each pass (untimed), as a training
@@ -66,13 +71,36 @@ class SwiGLU(nn.Module):
         return self.w2(nn.functional.silu(g) * u)
 
 
+class DenseThroughExpertOp(nn.Module):
+    """A dense SwiGLU FFN computed by the compiled expert op (`moe.ops.grouped_swiglu`) as one expert over
+    every token: the dense limit with the MoE layer's own kernels."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.randn(2 * h, d) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(d, h) * 0.02)
+
+    def forward(self, x):
+        from moe import ops
+
+        rows = x.reshape(-1, x.shape[-1])
+        counts = torch.tensor([rows.shape[0]])
+        return ops.grouped_swiglu(rows, self.w13.unsqueeze(0), self.w2.unsqueeze(0), counts).view_as(x)
+
+
+OUR_DENSE = "dense, our kernels"
+
+
 def build_impls(d_model: int, experts: int, top_k: int, hidden: int):
+    from moe import ops
     from moe.config import load_config
     from moe.nn.ffn import DenseFFN
     from moe.nn.moe_layer import MoELayer
 
     impls = {}
     impls["dense"] = DenseFFN(d_model, top_k * hidden, 0.02, 0.02)
+    if ops.grouped_swiglu_supported("auto", torch.empty(0)):
+        impls[OUR_DENSE] = DenseThroughExpertOp(d_model, top_k * hidden)
     variants = [("ours dropless", 0.0, "auto"), ("ours cf=1.0", 1.0, "auto")]
     if hasattr(torch, "_grouped_mm"):
         variants.append(("ours + _grouped_mm", 0.0, "grouped"))
@@ -145,14 +173,19 @@ def _measure(args, experts: int, top_k: int, hidden: int, T: int, reused: bool) 
     rows = {
         name: {"ms": 1e3 * med[name], "vs_dense": quart[name][1], "vs_dense_p25": quart[name][0],
                "vs_dense_p75": quart[name][2]} for name in impls}
+    if OUR_DENSE in times:
+        for name, ts in times.items():
+            q = quartiles([t / d for t, d in zip(ts, times[OUR_DENSE])])
+            rows[name].update(vs_our_dense=q[1], vs_our_dense_p25=q[0], vs_our_dense_p75=q[2])
     print(f"\nT={T}, d={args.d_model}, expert hidden {hidden}, E={experts}, k={top_k}; forward+backward, "
           f"median of {args.reps}, {torch.get_num_threads()} threads"
           f"{', gradients set to None before each pass' if args.zero_grad else ''}"
           f"{'' if reused else ', system allocator'}")
-    print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}{'p25-p75':>14}")
+    ours = OUR_DENSE in times
+    print(f"{'implementation':<22}{'ms':>10}{'x dense':>10}{'p25-p75':>14}" + (f"{'x our dense':>14}{'p25-p75':>14}" if ours else ""))
     for name, r in rows.items():
-        print(f"{name:<22}{r['ms']:>10.2f}{r['vs_dense']:>10.2f}"
-              f"{r['vs_dense_p25']:>9.2f}-{r['vs_dense_p75']:.2f}")
+        print(f"{name:<22}{r['ms']:>10.2f}{r['vs_dense']:>10.2f}{r['vs_dense_p25']:>9.2f}-{r['vs_dense_p75']:.2f}"
+              + (f"{r['vs_our_dense']:>14.2f}{r['vs_our_dense_p25']:>9.2f}-{r['vs_our_dense_p75']:.2f}" if ours else ""))
     return rows
 
 

@@ -25,12 +25,14 @@
 // piece's rows itself and adds the gated outputs back into the tokens' rows (permute and unpermute
 // folded in).
 //
-// Where the time goes at 128 experts of hidden 128, T=2048, d=512, 2 threads (perf over the layer's
-// forward + backward, against the dense FFN of the same active FLOPs): MKL's GEMM kernel takes the
-// same CPU time in both (45.8K vs 45.5K samples); the MoE's extra CPU time per pass is MKL's packing
-// of 128 experts' cold weights (~24 ms over both threads), its beta = 0 pass over the 100 MB of fresh
-// weight gradients (~13 ms), the row gathers (~12 ms; prefetching rows ahead measured within noise)
-// and the combine (~10 ms): memory traffic that only more tokens per expert amortise.
+// The GEMMs: in fp32 on the AVX2 build the op's own (gemm_cpu_kernels.h), which reads token rows in
+// place through the routing index (no gathered copies), writes routed outputs and input gradients
+// straight into the tokens' accumulator rows (no combine pass), prefetches the cold expert weights a
+// panel ahead and streams the weight gradients; ATen's GEMM (on gathered copies) otherwise, and where
+// MOE_CPU_GEMM=aten. At 128 experts of hidden 128, T=2048, d=512, 2 threads, the routed op's forward +
+// backward takes 0.86x the time with the own GEMM (BENCHMARKS.md, issue 20, fifth session): MKL's
+// packing of 128 experts' cold weights, its clearing of the fresh weight gradients, the row gathers and
+// the combine were what the MoE spent beyond the dense FFN's GEMMs.
 #include "dispatch.h"
 
 #include <ATen/Parallel.h>
@@ -239,6 +241,30 @@ bool compiled_gemm(const CpuRowKernels& k, at::ScalarType dtype) {
 const float* f32(const Tensor& t) { return t.const_data_ptr<float>(); }
 float* f32_mut(const Tensor& t) { return t.mutable_data_ptr<float>(); }
 
+// A 2-D fp32 view as a GEMM operand: rows with unit column stride, or the transpose of such.
+bool as_operand(const Tensor& t, GemmOperand& op) {
+  if (t.stride(1) == 1 || t.size(1) == 1) {
+    op = GemmOperand{f32(t), t.stride(0), false, nullptr};
+    return true;
+  }
+  if (t.stride(0) == 1 || t.size(0) == 1) {
+    op = GemmOperand{f32(t), t.stride(1), true, nullptr};
+    return true;
+  }
+  return false;
+}
+
+// out = a @ b (2-D views, out with unit column stride): the own GEMM where `own`, else ATen's. stream:
+// out is written once and not read soon (weight gradients).
+void mm(const CpuRowKernels& k, bool own, Tensor& out, const Tensor& a, const Tensor& b, bool stream = false) {
+  GemmOperand ga{}, gb{};
+  if (own && out.stride(1) == 1 && as_operand(a, ga) && as_operand(b, gb)) {
+    k.sgemm(a.size(0), b.size(1), a.size(1), ga, gb, GemmOutput{f32_mut(out), out.stride(0), nullptr, nullptr, false, stream});
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
 // dst rows [m, d] (contiguous) <- x rows rows[0..m) (x contiguous [T, d])
 void gather_rows(const char* x, const int64_t* rows, int64_t m, int64_t row_bytes, char* dst) {
   for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * row_bytes, x + rows[r] * row_bytes, row_bytes);
@@ -422,6 +448,7 @@ void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* rou
   char* gap = static_cast<char*>(grad_act.mutable_data_ptr());
   char* gh13p = static_cast<char*>(grad_h13.mutable_data_ptr());
   char* gop = routed ? static_cast<char*>(go.mutable_data_ptr()) : nullptr;  // scaled in place: routed only
+  const bool own = compiled_gemm(k, dtype);
   const char* gates = routed ? static_cast<const char*>(routed->rows.gates.const_data_ptr()) : nullptr;
   char* grad_gates = routed ? static_cast<char*>(routed->grad_gates.mutable_data_ptr()) : nullptr;
   const int64_t ges = routed ? static_cast<int64_t>(routed->grad_gates.element_size()) : 0;
@@ -431,7 +458,7 @@ void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* rou
     for_pieces(offs, s.N * p / parts, s.N * (p + 1) / parts, [&](int64_t e, int64_t lo, int64_t hi) {
       const int64_t m = hi - lo;
       Tensor ga_rows = grad_act.narrow(0, lo, m);
-      at::mm_out(ga_rows, go.narrow(0, lo, m), w2.select(0, e));
+      mm(k, own, ga_rows, go.narrow(0, lo, m), w2.select(0, e));
       if (routed) {
         k.gate_rows(dtype, gap + lo * s.h * es, actp + lo * s.h * es, gates + lo * ges, m, s.h,
                     grad_gates + lo * ges, gop + lo * s.d * es, s.d);
@@ -439,7 +466,7 @@ void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* rou
       k.swiglu_bwd(dtype, gap + lo * s.h * es, s.h, h13p + lo * 2 * s.h * es, 2 * s.h, m, s.h,
                    gh13p + lo * 2 * s.h * es, 2 * s.h);
       Tensor gx_rows = grad_x.narrow(0, lo, m);
-      at::mm_out(gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
+      mm(k, own, gx_rows, grad_h13.narrow(0, lo, m), w13.select(0, e));
     });
   });
 
@@ -458,15 +485,17 @@ void backward_row_split(const Tensor& go, const Tensor& x, const RoutedGrad* rou
         gw2.zero_();
         continue;
       }
-      at::mm_out(gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c));
-      at::mm_out(gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c));
+      mm(k, own, gw13, grad_h13.narrow(0, lo, c).narrow(1, j0, j1 - j0).t(), x.narrow(0, lo, c), true);
+      mm(k, own, gw2, go.narrow(0, lo, c).narrow(1, i0, i1 - i0).t(), act.narrow(0, lo, c), true);
     }
   });
 }
 
 std::vector<int64_t> owner_ranges(const Shapes& s, const std::vector<int64_t>& offs) {
   if (s.N == 0 || s.d == 0 || s.h == 0) return {};
-  return expert_ranges(offs, num_parts(6 * s.N * s.d * s.h, s.E));
+  const int64_t parts = num_parts(6 * s.N * s.d * s.h, s.N);
+  if (parts > s.E) return {};  // fewer experts than threads: the row split keeps every thread busy
+  return expert_ranges(offs, parts);
 }
 
 }  // namespace

@@ -146,10 +146,18 @@ inline int64_t panel_lines(const GemmOperand& B, int64_t kc, int64_t nr) {
 inline void prefetch_b_panel(const GemmOperand& B, int64_t k0, int64_t kc, int64_t j0, int64_t nr, int64_t lo,
                              int64_t hi) {
   hi = std::min(hi, panel_lines(B, kc, nr));
-  if (B.trans) {
+  if (lo >= hi) return;
+  if (B.trans) {  // line l: storage row j0 + l / per_row, chunk l % per_row (one division, then counters)
     const int64_t per_row = (kc + 15) / 16;
-    for (int64_t l = lo; l < hi; ++l)
-      prefetch_line(storage_row(B, j0 + l / per_row) + k0 + (l % per_row) * 16);
+    int64_t row = lo / per_row, chunk = lo - row * per_row;
+    const float* r = storage_row(B, j0 + row) + k0;
+    for (int64_t l = lo; l < hi; ++l) {
+      prefetch_line(r + chunk * 16);
+      if (++chunk == per_row) {
+        chunk = 0;
+        if (l + 1 < hi) r = storage_row(B, j0 + ++row) + k0;
+      }
+    }
   } else {
     for (int64_t l = lo; l < hi; ++l)
       prefetch_line(storage_row(B, k0 + l) + j0);
@@ -183,7 +191,31 @@ inline void micro_kernel(int64_t kc, const float* __restrict__ Ap, const float* 
     c50 = _mm256_fmadd_ps(a, b0, c50);
     c51 = _mm256_fmadd_ps(a, b1, c51);
   }
-  alignas(32) float t[kMR][kNR];
+  if (mr == kMR && nr == kNR) {  // a full tile: straight from the registers
+    const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t i = 0; i < kMR; ++i) {
+      float* c = crow[i] + col;
+      __m256 v0 = acc[i][0], v1 = acc[i][1];
+      if (alpha) {
+        const __m256 sv = _mm256_set1_ps(alpha[i]);
+        v0 = _mm256_mul_ps(v0, sv);
+        v1 = _mm256_mul_ps(v1, sv);
+      }
+      if (add) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
+      }
+      if (stream && (reinterpret_cast<uintptr_t>(c) & 31) == 0) {
+        _mm256_stream_ps(c, v0);
+        _mm256_stream_ps(c + 8, v1);
+      } else {
+        _mm256_storeu_ps(c, v0);
+        _mm256_storeu_ps(c + 8, v1);
+      }
+    }
+    return;
+  }
+  alignas(32) float t[kMR][kNR];  // a partial tile: through memory
   _mm256_store_ps(t[0], c00);
   _mm256_store_ps(t[0] + 8, c01);
   _mm256_store_ps(t[1], c10);

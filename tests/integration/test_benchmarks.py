@@ -33,8 +33,13 @@ def test_layer_benchmark_reports_every_implementation_against_dense(tmp_path):
     assert {"dense", "ours dropless", "ours cf=1.0"} <= set(rows)
     assert ("ours + _grouped_mm" in rows) == hasattr(torch, "_grouped_mm")
     assert rows["dense"]["vs_dense"] == 1.0
+    assert ("dense, our kernels" in rows) == ops.extension_available()
     for name, r in rows.items():
         assert r["ms"] > 0 and r["vs_dense_p25"] <= r["vs_dense"] <= r["vs_dense_p75"], name
+        if ops.extension_available():  # every row also against the dense FFN through our own kernels
+            assert r["vs_our_dense_p25"] <= r["vs_our_dense"] <= r["vs_our_dense_p75"], name
+    if ops.extension_available():
+        assert rows["dense, our kernels"]["vs_our_dense"] == 1.0 and "x our dense" in stdout
     assert "ours dropless" in stdout and "p25-p75" in stdout
 
 

@@ -280,8 +280,11 @@ def test_grouped_swiglu_thread_counts_agree():
 
 
 def _whole_expert_split_fits(counts, parts, max_imbalance=0.03):
-    """Mirror of experts_cpu.cpp `expert_ranges`: whether the backward gives each of `parts` threads whole
-    experts (each thread's rows within 3% of an even share) rather than a range of rows."""
+    """Mirror of experts_cpu.cpp `owner_ranges`: whether the backward gives each of `parts` threads whole
+    experts (at least one expert a thread, each thread's rows within 3% of an even share) rather than a
+    range of rows."""
+    if len(counts) < parts:
+        return False
     offs = [0]
     for c in counts:
         offs.append(offs[-1] + c)
