@@ -249,7 +249,8 @@ def describe_auto_impl(device: torch.device, backend: str) -> str:
                    else f"loop (torch {torch.__version__} lacks _grouped_mm)")
         return f"{grouped} in bf16 (autocast included), loop (a GEMM per expert) otherwise"
     if ops.grouped_swiglu_supported(backend, torch.empty(0, device=device)):
-        return "loop, as one compiled grouped SwiGLU op (moe._C)"
+        gemm = "its own, AVX2 + FMA; MOE_CPU_GEMM=aten for ATen's" if ops.cpu_expert_gemm() == "own" else "ATen's"
+        return f"loop, as one compiled grouped SwiGLU op (moe._C; fp32 GEMM: {gemm})"
     return "loop (a GEMM per expert; the compiled grouped SwiGLU needs moe._C)"
 
 

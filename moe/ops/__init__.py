@@ -41,7 +41,8 @@ from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expe
 
 __all__ = [
     "RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend", "expert_capacity",
-    "expert_counts", "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_supported",
+    "cpu_expert_gemm", "expert_counts", "extension_available", "extension_devices", "grouped_swiglu",
+    "grouped_swiglu_supported",
     "permute", "permute_reference", "routed_swiglu", "topk_indices", "unpermute", "unpermute_reference",
 ]
 
@@ -129,6 +130,12 @@ def grouped_swiglu_supported(backend: str, x: torch.Tensor) -> bool:
     """True when `grouped_swiglu` runs compiled for x: extension backend, CPU tensor (it has no CUDA
     kernel; on GPUs the experts use torch._grouped_mm or the per-expert loop)."""
     return x.device.type in ("cpu", "meta") and _use_extension(backend, x)
+
+
+def cpu_expert_gemm() -> str:
+    """The GEMM of the compiled fp32 expert ops on CPU: "own" (the AVX2 build's, FMA) or "aten"
+    (MOE_CPU_GEMM=aten, the baseline build, or no extension)."""
+    return _load_extension().cpu_gemm() if extension_available() else "aten"
 
 
 def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,8 @@ def test_info_names_the_live_dispatch_and_expert_backends(capsys, monkeypatch):
     if ops.extension_available():
         assert rows["dispatch backend"].startswith("extension (moe._C has CPU")
         assert rows["expert backend"].startswith("loop, as one compiled grouped SwiGLU op")
+        gemm = "fp32 GEMM: its own, AVX2 + FMA" if ops.cpu_expert_gemm() == "own" else "fp32 GEMM: ATen's"
+        assert gemm in rows["expert backend"]  # the GEMM the compiled expert ops use
     else:
         assert rows["dispatch backend"] == "reference (compiled extension not built)"
     monkeypatch.setenv("MOE_DISPATCH", "reference")
