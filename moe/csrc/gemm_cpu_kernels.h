@@ -164,6 +164,26 @@ inline void prefetch_b_panel(const GemmOperand& B, int64_t k0, int64_t kc, int64
   }
 }
 
+// One full 16-column row of a tile: c[0..16) = alpha * (v0, v1) (+ c when add).
+inline void store_row16(float* c, __m256 v0, __m256 v1, const float* alpha, bool add, bool stream) {
+  if (alpha) {
+    const __m256 sv = _mm256_set1_ps(*alpha);
+    v0 = _mm256_mul_ps(v0, sv);
+    v1 = _mm256_mul_ps(v1, sv);
+  }
+  if (add) {
+    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
+    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
+  }
+  if (stream && (reinterpret_cast<uintptr_t>(c) & 31) == 0) {
+    _mm256_stream_ps(c, v0);
+    _mm256_stream_ps(c + 8, v1);
+  } else {
+    _mm256_storeu_ps(c, v0);
+    _mm256_storeu_ps(c + 8, v1);
+  }
+}
+
 // The [mr, nr] tile at C rows crow[0..mr), column col: alpha[i] * (A panel @ B panel), stored (first)
 // or added. stream: non-temporal stores (write-once outputs; 32-byte aligned full rows only).
 inline void micro_kernel(int64_t kc, const float* __restrict__ Ap, const float* __restrict__ Bp, float* const* crow,
@@ -193,26 +213,8 @@ inline void micro_kernel(int64_t kc, const float* __restrict__ Ap, const float* 
   }
   if (mr == kMR && nr == kNR) {  // a full tile: straight from the registers
     const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int64_t i = 0; i < kMR; ++i) {
-      float* c = crow[i] + col;
-      __m256 v0 = acc[i][0], v1 = acc[i][1];
-      if (alpha) {
-        const __m256 sv = _mm256_set1_ps(alpha[i]);
-        v0 = _mm256_mul_ps(v0, sv);
-        v1 = _mm256_mul_ps(v1, sv);
-      }
-      if (add) {
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
-      }
-      if (stream && (reinterpret_cast<uintptr_t>(c) & 31) == 0) {
-        _mm256_stream_ps(c, v0);
-        _mm256_stream_ps(c + 8, v1);
-      } else {
-        _mm256_storeu_ps(c, v0);
-        _mm256_storeu_ps(c + 8, v1);
-      }
-    }
+    for (int64_t i = 0; i < kMR; ++i)
+      store_row16(crow[i] + col, acc[i][0], acc[i][1], alpha ? alpha + i : nullptr, add, stream);
     return;
   }
   alignas(32) float t[kMR][kNR];  // a partial tile: through memory
@@ -230,26 +232,10 @@ inline void micro_kernel(int64_t kc, const float* __restrict__ Ap, const float* 
   _mm256_store_ps(t[5] + 8, c51);
   for (int64_t i = 0; i < mr; ++i) {
     float* c = crow[i] + col;
-    const float s = alpha ? alpha[i] : 1.f;
     if (nr == kNR) {
-      __m256 v0 = _mm256_load_ps(t[i]), v1 = _mm256_load_ps(t[i] + 8);
-      if (alpha) {
-        const __m256 sv = _mm256_set1_ps(s);
-        v0 = _mm256_mul_ps(v0, sv);
-        v1 = _mm256_mul_ps(v1, sv);
-      }
-      if (add) {
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
-      }
-      if (stream && (reinterpret_cast<uintptr_t>(c) & 31) == 0) {
-        _mm256_stream_ps(c, v0);
-        _mm256_stream_ps(c + 8, v1);
-      } else {
-        _mm256_storeu_ps(c, v0);
-        _mm256_storeu_ps(c + 8, v1);
-      }
+      store_row16(c, _mm256_load_ps(t[i]), _mm256_load_ps(t[i] + 8), alpha ? alpha + i : nullptr, add, stream);
     } else {
+      const float s = alpha ? alpha[i] : 1.f;
       for (int64_t j = 0; j < nr; ++j) c[j] = (add ? c[j] : 0.f) + (alpha ? s * t[i][j] : t[i][j]);
     }
   }
