@@ -211,25 +211,17 @@ inline void micro_kernel(int64_t kc, const float* __restrict__ Ap, const float* 
     c50 = _mm256_fmadd_ps(a, b0, c50);
     c51 = _mm256_fmadd_ps(a, b1, c51);
   }
+  const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   if (mr == kMR && nr == kNR) {  // a full tile: straight from the registers
-    const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int64_t i = 0; i < kMR; ++i)
       store_row16(crow[i] + col, acc[i][0], acc[i][1], alpha ? alpha + i : nullptr, add, stream);
     return;
   }
   alignas(32) float t[kMR][kNR];  // a partial tile: through memory
-  _mm256_store_ps(t[0], c00);
-  _mm256_store_ps(t[0] + 8, c01);
-  _mm256_store_ps(t[1], c10);
-  _mm256_store_ps(t[1] + 8, c11);
-  _mm256_store_ps(t[2], c20);
-  _mm256_store_ps(t[2] + 8, c21);
-  _mm256_store_ps(t[3], c30);
-  _mm256_store_ps(t[3] + 8, c31);
-  _mm256_store_ps(t[4], c40);
-  _mm256_store_ps(t[4] + 8, c41);
-  _mm256_store_ps(t[5], c50);
-  _mm256_store_ps(t[5] + 8, c51);
+  for (int64_t i = 0; i < kMR; ++i) {
+    _mm256_store_ps(t[i], acc[i][0]);
+    _mm256_store_ps(t[i] + 8, acc[i][1]);
+  }
   for (int64_t i = 0; i < mr; ++i) {
     float* c = crow[i] + col;
     if (nr == kNR) {
