@@ -123,6 +123,8 @@ bool set_cpu_isa(const std::string& isa);
 // and A/B benchmarks). cpu_gemm() names the one in use: "aten" also when the kernels have none.
 const char* cpu_gemm();
 bool set_cpu_gemm(const std::string& name);
+// The fp32 expert ops run cpu_row_kernels().sgemm (cpu_gemm() == "own").
+bool own_gemm_in_use();
 
 // ---- helpers shared by the CPU and CUDA bindings (defined in dispatch_cpu.cpp)
 

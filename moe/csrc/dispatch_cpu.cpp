@@ -166,9 +166,11 @@ std::atomic<bool>& own_gemm_wanted() {
 }
 }  // namespace
 
-const char* cpu_gemm() {
-  return own_gemm_wanted().load(std::memory_order_relaxed) && cpu_row_kernels().sgemm != nullptr ? "own" : "aten";
+bool own_gemm_in_use() {
+  return own_gemm_wanted().load(std::memory_order_relaxed) && cpu_row_kernels().sgemm != nullptr;
 }
+
+const char* cpu_gemm() { return own_gemm_in_use() ? "own" : "aten"; }
 
 bool set_cpu_gemm(const std::string& name) {
   if (name != "own" && name != "aten") return false;

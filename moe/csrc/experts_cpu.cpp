@@ -30,7 +30,7 @@
 // straight into the tokens' accumulator rows (no combine pass), prefetches the cold expert weights a
 // panel ahead and streams the weight gradients; ATen's GEMM (on gathered copies) otherwise, and where
 // MOE_CPU_GEMM=aten. At 128 experts of hidden 128, T=2048, d=512, 2 threads, the routed op's forward +
-// backward takes 0.86x the time with the own GEMM (BENCHMARKS.md, issue 20, fifth session): MKL's
+// backward takes 0.82x the time with the own GEMM (BENCHMARKS.md, issue 20, fifth session): MKL's
 // packing of 128 experts' cold weights, its clearing of the fresh weight gradients, the row gathers and
 // the combine were what the MoE spent beyond the dense FFN's GEMMs.
 #include "dispatch.h"
@@ -235,7 +235,7 @@ at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at
 // indices and write the routed outputs straight into the tokens' accumulator rows (gemm_cpu_kernels.h).
 // Otherwise (fp64, bf16, fp16, the baseline build) ATen's GEMM on gathered copies.
 bool compiled_gemm(const CpuRowKernels& k, at::ScalarType dtype) {
-  return k.sgemm != nullptr && dtype == at::kFloat && cpu_gemm()[0] == 'o';
+  return dtype == at::kFloat && k.sgemm != nullptr && own_gemm_in_use();
 }
 
 const float* f32(const Tensor& t) { return t.const_data_ptr<float>(); }
