@@ -119,8 +119,11 @@ const CpuRowKernels* avx2_row_kernels();
 const CpuRowKernels& cpu_row_kernels();
 bool set_cpu_isa(const std::string& isa);
 // Which GEMM the fp32 expert ops use where the kernels in use have one (cpu_row_kernels().sgemm): "own"
-// (default) or "aten" (MOE_CPU_GEMM=aten in the environment; set_cpu_gemm switches at run time, for tests
-// and A/B benchmarks). cpu_gemm() names the one in use: "aten" also when the kernels have none.
+// or "aten". The default (own_gemm_by_default) is the own GEMM on CPUs without AVX-512 and ATen's on CPUs
+// with it; MOE_CPU_GEMM=own|aten in the environment chooses; set_cpu_gemm switches at run time, for
+// tests and A/B benchmarks. cpu_gemm() names the one in use: "aten" also when the kernels have none.
+bool cpu_has_avx512f();
+bool own_gemm_by_default(const char* env, bool avx512f);
 const char* cpu_gemm();
 bool set_cpu_gemm(const std::string& name);
 // The fp32 expert ops run cpu_row_kernels().sgemm (cpu_gemm() == "own").

@@ -87,6 +87,19 @@ static PyObject* moe_set_cpu_gemm(PyObject*, PyObject* arg) {
   Py_RETURN_FALSE;
 }
 
+static PyObject* moe_cpu_has_avx512f(PyObject*, PyObject*) {
+  if (moe::cpu_has_avx512f()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+static PyObject* moe_own_gemm_by_default(PyObject*, PyObject* args) {
+  const char* env = nullptr;
+  int avx512f = 0;
+  if (!PyArg_ParseTuple(args, "zp", &env, &avx512f)) return nullptr;
+  if (moe::own_gemm_by_default(env, avx512f != 0)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 static PyMethodDef moe_methods[] = {
     {"cuda_compiled", moe_cuda_compiled, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cpu_isa", moe_cpu_isa, METH_NOARGS, "Instruction set of the CPU row kernels in use: 'avx2' or 'base'."},
@@ -97,6 +110,10 @@ static PyMethodDef moe_methods[] = {
     {"set_cpu_gemm", moe_set_cpu_gemm, METH_O,
      "Use the 'own' or 'aten' GEMM in the fp32 expert ops (tests, A/B benchmarks); False when 'own' is "
      "unavailable with the kernels in use."},
+    {"cpu_has_avx512f", moe_cpu_has_avx512f, METH_NOARGS, "True when this CPU has AVX-512F."},
+    {"own_gemm_by_default", moe_own_gemm_by_default, METH_VARARGS,
+     "own_gemm_by_default(MOE_CPU_GEMM value or None, cpu has AVX-512F): whether the fp32 expert ops "
+     "start on the own GEMM (the policy, for tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

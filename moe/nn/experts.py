@@ -30,6 +30,7 @@ casts its operands to the autocast dtype itself, as autocast does for the loop's
 """
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Dict, Optional, Type
 
 import torch
@@ -249,7 +250,14 @@ def describe_auto_impl(device: torch.device, backend: str) -> str:
                    else f"loop (torch {torch.__version__} lacks _grouped_mm)")
         return f"{grouped} in bf16 (autocast included), loop (a GEMM per expert) otherwise"
     if ops.grouped_swiglu_supported(backend, torch.empty(0, device=device)):
-        gemm = "its own, AVX2 + FMA; MOE_CPU_GEMM=aten for ATen's" if ops.cpu_expert_gemm() == "own" else "ATen's"
+        if ops.cpu_expert_gemm() == "own":
+            gemm = "its own, AVX2 + FMA; MOE_CPU_GEMM=aten for ATen's"
+        elif os.environ.get("MOE_CPU_GEMM") == "aten":
+            gemm = "ATen's, by MOE_CPU_GEMM=aten"
+        elif ops.cpu_has_avx512():
+            gemm = "ATen's, as this CPU has AVX-512; MOE_CPU_GEMM=own for the AVX2 one"
+        else:
+            gemm = "ATen's"
         return f"loop, as one compiled grouped SwiGLU op (moe._C; fp32 GEMM: {gemm})"
     return "loop (a GEMM per expert; the compiled grouped SwiGLU needs moe._C)"
 
@@ -300,10 +308,14 @@ class Experts(nn.Module):
 def check_config(model_cfg: ModelConfig) -> None:
     """The expert-backend knob of a config, for moe.validate: `model.moe.experts_impl` is `auto` or a
     name of EXPERT_IMPLS, and the backend it names can run experts of the config's shapes in bf16 (the
-    strictest dtype one runs in: `grouped` needs rows of whole 16-byte units). A dense model has nothing
-    to check. Raises a one-line ConfigError naming the key."""
+    strictest dtype one runs in: `grouped` needs rows of whole 16-byte units), and the ops' environment
+    switches (ops.check_environment: MOE_CPU_GEMM=..., a MoeError naming the variable). A dense model
+    has nothing to check. Raises a one-line ConfigError naming the key."""
     moe = model_cfg.moe
-    if moe.num_experts == 0 or moe.experts_impl == "auto":
+    if moe.num_experts == 0:
+        return
+    ops.check_environment()
+    if moe.experts_impl == "auto":
         return
     if moe.experts_impl not in EXPERT_IMPLS:
         raise ConfigError(f"model.moe.experts_impl: unknown {moe.experts_impl!r}; "

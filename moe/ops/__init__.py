@@ -23,7 +23,9 @@ CPU kernels are built for the baseline ISA and for AVX2+F16C (picked at run time
 forces the baseline; both give bitwise identical results); MOE_NO_THP_HINT=1 turns off the
 transparent-huge-page hint on large fresh outputs. The AVX2 build also has its own fp32 GEMM for the
 expert ops (FMA; it reads token rows in place and adds the gated outputs into the tokens' rows):
-results equal ATen's GEMM within fp32 rounding, not bitwise; MOE_CPU_GEMM=aten uses ATen's instead.
+results equal ATen's GEMM within fp32 rounding, not bitwise. It is the default on CPUs without AVX-512;
+on CPUs with AVX-512 ATen's (MKL's 16-lane FMAs) is; MOE_CPU_GEMM=own|aten chooses. `check_environment`
+rejects a value of these switches that they do not know.
 See moe/csrc/ and benchmarks/dispatch.py.
 """
 from __future__ import annotations
@@ -35,13 +37,14 @@ from typing import Optional
 
 import torch
 
-from moe.ops.extension import _extension_devices, _load_extension, extension_available, extension_devices, load_error
+from moe.ops.extension import (_extension_devices, _load_extension, check_environment, extension_available,
+                               extension_devices, load_error)
 from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expert_counts, permute_reference,
                                unpermute_reference)
 
 __all__ = [
-    "RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend", "expert_capacity",
-    "cpu_expert_gemm", "expert_counts", "extension_available", "extension_devices", "grouped_swiglu",
+    "RoutingIndex", "build_routing_index", "build_routing_index_reference", "check_environment",
+    "dispatch_backend", "expert_capacity", "cpu_expert_gemm", "cpu_has_avx512", "expert_counts", "extension_available", "extension_devices", "grouped_swiglu",
     "grouped_swiglu_supported",
     "permute", "permute_reference", "routed_swiglu", "topk_indices", "unpermute", "unpermute_reference",
 ]
@@ -58,7 +61,6 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 # ------------------------------------------------------------------------------------ backend choice
-
 
 def dispatch_backend(requested: str = "auto") -> str:
     """Resolve `auto|extension|reference` to the backend that will run. MOE_DISPATCH overrides."""
@@ -133,9 +135,15 @@ def grouped_swiglu_supported(backend: str, x: torch.Tensor) -> bool:
 
 
 def cpu_expert_gemm() -> str:
-    """The GEMM of the compiled fp32 expert ops on CPU: "own" (the AVX2 build's, FMA) or "aten"
-    (MOE_CPU_GEMM=aten, the baseline build, or no extension)."""
+    """The GEMM of the compiled fp32 expert ops on CPU: "own" (the AVX2 build's, FMA; the default on
+    CPUs without AVX-512, or MOE_CPU_GEMM=own) or "aten" (a CPU with AVX-512, MOE_CPU_GEMM=aten, the
+    baseline build, or no extension)."""
     return _load_extension().cpu_gemm() if extension_available() else "aten"
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512F, as the extension sees it (False without the extension)."""
+    return bool(_load_extension().cpu_has_avx512f()) if extension_available() else False
 
 
 def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,32 @@ region works too. Importing this module imports neither moe._C nor torch._dynamo
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
 import torch
+
+from moe.errors import MoeError
+
+# The environment switches of the ops and the values each knows (unset or empty: the default).
+ENVIRONMENT_SWITCHES = {
+    "MOE_DISPATCH": ("auto", "extension", "reference"),
+    "MOE_CPU_ISA": ("avx2", "base"),
+    "MOE_CPU_GEMM": ("own", "aten"),
+}
+
+
+def check_environment() -> None:
+    """Raise a MoeError naming the variable when one of ENVIRONMENT_SWITCHES is set to a value it does
+    not know (the C++ side reads MOE_CPU_ISA and MOE_CPU_GEMM once and would take a typo for the
+    default). `_load_extension` runs it, and moe.validate for a model with experts, before anything
+    is built."""
+    for name, known in ENVIRONMENT_SWITCHES.items():
+        value = os.environ.get(name, "")
+        if value and value not in known:
+            raise MoeError(f"{name}={value}: unknown value; known: {', '.join(known)} (or unset)")
+
 
 _EXT = None  # the imported moe._C once its Python-side kernels are registered
 _EXT_ERROR: Optional[BaseException] = None
@@ -59,6 +81,7 @@ def _load_extension():
         return _EXT
     if _EXT_ERROR is not None:
         raise ImportError(f"moe._C is not available: {_EXT_ERROR!r}") from _EXT_ERROR
+    check_environment()
     try:
         # deferred: the extension is optional (MOE_BUILD_EXT=0, a failed build), and importing it
         # registers torch.ops.moe.*, which only the compiled backend needs

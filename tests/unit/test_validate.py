@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from moe.config import ConfigError, ModelConfig, MoEConfig, load_config
+from moe.errors import MoeError
 from moe.nn import experts
+from moe.ops.extension import ENVIRONMENT_SWITCHES
 from moe.validate import validate
 
 from tests.helpers import ROOT
@@ -110,6 +112,19 @@ def test_experts_check_config_refuses_unknown_backends_by_key():
                                           r"loop, padded$"):
         experts.check_config(_model(experts_impl="magic"))
     experts.check_config(ModelConfig(moe=MoEConfig(num_experts=0, experts_impl="magic")))  # dense: not used
+
+
+@pytest.mark.parametrize("name", ["MOE_CPU_GEMM", "MOE_CPU_ISA", "MOE_DISPATCH"])
+def test_an_unknown_ops_switch_in_the_environment_is_refused_by_name(monkeypatch, name):
+    """The C++ side reads MOE_CPU_GEMM / MOE_CPU_ISA once and would take a typo for the default: validate
+    names the variable and its value for a model with experts; a dense model runs no expert op."""
+    monkeypatch.setenv(name, "mkl")
+    with pytest.raises(MoeError, match=rf"^{name}=mkl: unknown value; known: .* \(or unset\)$"):
+        validate(load_config(MOE_YAML))
+    validate(load_config(DENSE_YAML))
+    for value in ENVIRONMENT_SWITCHES[name]:
+        monkeypatch.setenv(name, value)
+        validate(load_config(MOE_YAML))
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")

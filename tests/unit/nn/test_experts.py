@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -6,7 +10,7 @@ from hypothesis import strategies as st
 from moe import ops
 from moe.nn.experts import EXPERT_IMPLS, ExpertBackend, Experts, _GroupedSwiGLU, grouped_mm_shape_error
 from moe.nn.ffn import swiglu
-from tests.helpers import DEVICE
+from tests.helpers import DEVICE, ROOT
 
 
 def reference(x, w13, w2, counts):
@@ -576,6 +580,27 @@ def test_cpu_gemm_switch():
     finally:
         C.set_cpu_isa(isa)
         C.set_cpu_gemm(start)
+
+
+@needs_ext
+def test_own_gemm_is_the_default_on_avx2_cpus_without_avx512():
+    """The own GEMM is AVX2: on a CPU with AVX-512 ATen's BLAS (16-lane FMAs) stays the default;
+    MOE_CPU_GEMM=own|aten decides either way. A fresh process starts under that policy."""
+    import moe._C as C
+
+    assert C.own_gemm_by_default(None, False) and C.own_gemm_by_default("", False)
+    assert not C.own_gemm_by_default(None, True) and not C.own_gemm_by_default("", True)
+    assert C.own_gemm_by_default("own", True) and C.own_gemm_by_default("own", False)
+    assert not C.own_gemm_by_default("aten", False) and not C.own_gemm_by_default("aten", True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MOE_CPU_GEMM", "MOE_CPU_ISA")}
+    code = "import torch, moe._C as C; print(C.cpu_gemm(), C.cpu_isa(), C.cpu_has_avx512f())"
+    for forced in (None, "own", "aten"):
+        run_env = env if forced is None else {**env, "MOE_CPU_GEMM": forced}
+        gemm, isa, avx512 = subprocess.run([sys.executable, "-c", code], env=run_env, cwd=ROOT, check=True,
+                                           capture_output=True, text=True).stdout.split()
+        own_possible = isa == "avx2"  # the AVX2 kernels carry the own GEMM (the CPU has AVX2 + FMA)
+        wanted = forced == "own" or (forced is None and avx512 == "False")
+        assert gemm == ("own" if own_possible and wanted else "aten"), (forced, isa, avx512)
 
 
 @needs_ext

@@ -62,7 +62,8 @@ def test_expert_capacity():
 
 def test_public_names():
     """Everything other modules use through `moe.ops` (the reference included, for benchmarks)."""
-    for name in ("RoutingIndex", "build_routing_index", "build_routing_index_reference", "dispatch_backend",
+    for name in ("RoutingIndex", "build_routing_index", "build_routing_index_reference", "check_environment",
+                 "cpu_expert_gemm", "cpu_has_avx512", "dispatch_backend",
                  "expert_capacity", "expert_counts", "extension_available", "extension_devices", "grouped_swiglu",
                  "grouped_swiglu_supported", "permute", "permute_reference", "unpermute", "unpermute_reference"):
         assert name in ops.__all__ and callable(getattr(ops, name)), name
