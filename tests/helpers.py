@@ -219,6 +219,8 @@ def records(path):
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
@@ -238,6 +240,18 @@ def records(path):
         yield rec
 
 
+def written_records(path, timeout=60.0):
+    """The records of the offline W&B file `path` once its run record is in it. `run.finish()` can
+    return before wandb's service process has flushed the file (seen on a loaded CI machine: a file
+    with no record yet), so this reads again, for up to `timeout` seconds, until the run record is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(records(path))
+        if any(r.WhichOneof("record_type") == "run" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
 def read_offline_run(run_dir):
     """{'group', 'tags', 'job_type', 'history_keys', 'config_keys', 'step_metrics'} of the newest offline
     W&B run under run_dir; step_metrics maps each define_metric name or glob to its x-axis metric."""
@@ -245,7 +259,7 @@ def read_offline_run(run_dir):
     assert files, f"no offline W&B run under {run_dir}"
     out = {"group": None, "tags": [], "job_type": None, "history_keys": set(), "config_keys": set(),
            "step_metrics": {}}
-    for rec in records(files[-1]):
+    for rec in written_records(files[-1]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(group=rec.run.run_group, tags=list(rec.run.tags), job_type=rec.run.job_type)

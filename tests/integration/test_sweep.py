@@ -93,7 +93,7 @@ def test_report_logs_a_wandb_summary_run_in_the_sweep_group(workdir, tmp_path, m
     import glob
 
     from moe.analysis.sweep_report import build_report
-    from tests.helpers import records
+    from tests.helpers import written_records
 
     sweep = workdir / "runs" / "mysweep"
     run = sweep / "a=1"
@@ -107,7 +107,7 @@ def test_report_logs_a_wandb_summary_run_in_the_sweep_group(workdir, tmp_path, m
     build_report([str(sweep)], str(out), wandb_summary=True)
     files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert files
-    runs = [r.run for r in records(files[0]) if r.WhichOneof("record_type") == "run"]
+    runs = [r.run for r in written_records(files[0]) if r.WhichOneof("record_type") == "run"]
     assert runs[0].run_group == "mysweep" and runs[0].job_type == "report"
 
 
