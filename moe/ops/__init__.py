@@ -44,8 +44,8 @@ from moe.ops.reference import (RoutingIndex, build_routing_index_reference, expe
 
 __all__ = [
     "RoutingIndex", "build_routing_index", "build_routing_index_reference", "check_environment",
-    "dispatch_backend", "expert_capacity", "cpu_expert_gemm", "cpu_has_avx512", "expert_counts", "extension_available", "extension_devices", "grouped_swiglu",
-    "grouped_swiglu_supported",
+    "dispatch_backend", "expert_capacity", "cpu_expert_gemm", "cpu_has_avx512", "expert_counts",
+    "extension_available", "extension_devices", "grouped_swiglu", "grouped_swiglu_supported",
     "permute", "permute_reference", "routed_swiglu", "topk_indices", "unpermute", "unpermute_reference",
 ]
 
@@ -61,6 +61,7 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 # ------------------------------------------------------------------------------------ backend choice
+
 
 def dispatch_backend(requested: str = "auto") -> str:
     """Resolve `auto|extension|reference` to the backend that will run. MOE_DISPATCH overrides."""
